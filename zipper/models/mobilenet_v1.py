@@ -1,0 +1,49 @@
+"""MobileNetV1 (Howard et al. 2017) as in the zippering paper: 13 depthwise-separable blocks."""
+from __future__ import annotations
+
+from torch import nn
+from torchvision.ops.misc import Conv2dNormActivation
+from torchvision.models._utils import _make_divisible
+
+from .base import Backbone
+
+# (output channels, stride) of the 13 blocks at width 1.0.
+V1_BLOCKS: tuple[tuple[int, int], ...] = (
+    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
+    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+)
+STEM_CHANNELS = 32
+# Below this input size the stem keeps the resolution (CIFAR-style), so 32 px still ends at 2x2.
+SMALL_INPUT = 96
+
+
+class DepthwiseSeparable(nn.Sequential):
+    """3x3 depthwise conv-BN-ReLU, then 1x1 pointwise conv-BN-ReLU."""
+
+    def __init__(self, cin: int, cout: int, stride: int) -> None:
+        super().__init__()
+        self.dw = Conv2dNormActivation(cin, cin, 3, stride=stride, groups=cin, activation_layer=nn.ReLU)
+        self.pw = Conv2dNormActivation(cin, cout, 1, activation_layer=nn.ReLU)
+
+
+def mobilenet_v1(num_classes: int, *, width: float = 1.0, input_size: int = 224) -> Backbone:
+    channels = lambda c: _make_divisible(c * width, 8)  # noqa: E731
+    cin = channels(STEM_CHANNELS)
+    stem = Conv2dNormActivation(3, cin, 3, stride=1 if input_size < SMALL_INPUT else 2, activation_layer=nn.ReLU)
+    blocks = []
+    for cout, stride in V1_BLOCKS:
+        blocks.append(DepthwiseSeparable(cin, channels(cout), stride))
+        cin = channels(cout)
+    head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), nn.Linear(cin, num_classes))
+    model = Backbone("mobilenet_v1", stem, blocks, head, num_classes=num_classes, width=width, input_size=input_size)
+    _init_weights(model)
+    return model
+
+
+def _init_weights(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out")
+        elif isinstance(m, nn.Linear):
+            nn.init.normal_(m.weight, 0, 0.01)
+            nn.init.zeros_(m.bias)
