@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -90,22 +90,35 @@ class ZipperNet(nn.Module):
         return [f"blocks.{i}.{conv}" for i in range(self.spec.depth) for conv, _bn in pointwise_pairs(probe.blocks[i])]
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
-        if self.trunk is None:
-            return {t: b(x) for t, b in self.branches.items()}
-        z = self.trunk.forward_features(x, stop=self.depth)  # (N, C, H', W') computed once
-        return {t: b.forward_head(b.forward_features(z, start=self.depth)) for t, b in self.branches.items()}
+        return self.forward_tasks(x, self.spec.task_names)
 
-    def forward_intermediates(self, x: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
-        """Logits per task and, per task, its pointwise taps by the teachers' names (trunk taps shared)."""
+    def forward_tasks(self, x: torch.Tensor, tasks: Iterable[str]) -> dict[str, torch.Tensor]:
+        """Logits of the named tasks only (calibration feeds each task its own images)."""
+        branches = {t: self.branch(t) for t in tasks}
+        if self.trunk is None:
+            return {t: b(x) for t, b in branches.items()}
+        z = self.trunk.forward_features(x, stop=self.depth)  # (N, C, H', W') computed once
+        return {t: b.forward_head(b.forward_features(z, start=self.depth)) for t, b in branches.items()}
+
+    def branch(self, task: str) -> Backbone:
+        if task not in self.branches:
+            raise KeyError(f"unknown task {task!r}; this ZipperNet has {self.spec.task_names}")
+        return self.branches[task]
+
+    def forward_intermediates(self, x: torch.Tensor, tasks: Iterable[str] | None = None
+                              ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Logits per task and, per task, its pointwise taps under the teachers' names (trunk taps shared)."""
+        tasks = list(tasks or self.spec.task_names)
         trunk_feats: dict[str, torch.Tensor] = {}
-        branch_feats: dict[str, dict[str, torch.Tensor]] = {t: {} for t in self.branches}
+        branch_feats: dict[str, dict[str, torch.Tensor]] = {t: {} for t in tasks}
         with ExitStack() as stack:
             if self.trunk is not None:
                 stack.enter_context(capture(self.trunk, self.trunk.pointwise_taps(), trunk_feats))
-            for t, b in self.branches.items():
-                stack.enter_context(capture(b, b.pointwise_taps(), branch_feats[t]))
-            logits = self(x)
-        return logits, {t: {**trunk_feats, **branch_feats[t]} for t in self.branches}
+            for t in tasks:
+                branch = self.branch(t)
+                stack.enter_context(capture(branch, branch.pointwise_taps(), branch_feats[t]))
+            logits = self.forward_tasks(x, tasks)
+        return logits, {t: {**trunk_feats, **branch_feats[t]} for t in tasks}
 
     def save(self, path: str | os.PathLike, **provenance: object) -> None:
         """One file: spec + state_dict (+ what made it), written atomically."""
@@ -168,6 +181,8 @@ def check_compatible(teachers: Mapping[str, nn.Module]) -> None:
 
 def deepen(net: ZipperNet, depth: int) -> ZipperNet:
     """The chain step: keep `net`'s trunk, average its branches' blocks [net.depth, depth)."""
+    if not 0 <= depth <= net.num_blocks:
+        raise ValueError(f"depth {depth} out of range 0..{net.num_blocks} for {net.spec.arch}")
     if depth < net.depth:
         raise ValueError(f"cannot zip from depth {net.depth} back to {depth}")
     new = ZipperNet(replace(net.spec, depth=depth))

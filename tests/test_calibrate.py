@@ -1,0 +1,94 @@
+"""Calibration on generated data: the loss falls and accuracy beats the uncalibrated merge."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import zipper
+from zipper.calibrate import CalibrateConfig, calibrate
+from zipper.evaluate import accuracy
+
+from .conftest import batches, blob_task
+
+SMALL = dict(width=0.25, input_size=16)  # 16 px keeps these training runs to seconds
+
+
+def _train(model, x, y, steps=120):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    model.train()
+    for _, (xb, yb) in zip(range(steps), batches(x, y, 32)):
+        opt.zero_grad()
+        torch.nn.functional.cross_entropy(model(xb), yb).backward()
+        opt.step()
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def trained_pair():
+    torch.manual_seed(0)
+    data = {t: blob_task(4, 512, seed=1 + i, size=16, kind=t) for i, t in enumerate(("colour", "stripes"))}
+    val = {t: blob_task(4, 256, seed=10 + i, size=16, kind=t) for i, t in enumerate(data)}
+    teachers = {}
+    for i, (t, (x, y)) in enumerate(data.items()):
+        torch.manual_seed(100 + i)  # independent initialisations, as real teachers have
+        teachers[t] = _train(zipper.build_model("mobilenet_v1", 4, **SMALL), x, y)
+    return teachers, data, val
+
+
+def _accuracies(net, val):
+    return {t: accuracy(lambda x, t=t: net.forward_tasks(x, [t])[t], [v]) for t, v in val.items()}
+
+
+def test_calibration_lowers_loss_and_lifts_accuracy(trained_pair, tmp_path):
+    teachers, data, val = trained_pair
+    teacher_acc = {t: accuracy(teachers[t], [v]) for t, v in val.items()}
+    assert min(teacher_acc.values()) > 0.9, teacher_acc
+    net = zipper.zip_models(teachers, 13).eval()
+    before = _accuracies(net, val)
+    streams = {t: batches(x, y, 32, seed=5) for t, (x, y) in data.items()}
+    cfg = CalibrateConfig(steps=80, lr=0.02, checkpoint_every=30, bn_reset_batches=4)
+    curves = calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
+    after = _accuracies(net, val)
+    assert sum(curves["loss"][-10:]) < sum(curves["loss"][:10])
+    assert sum(after.values()) > sum(before.values()) + 0.2, (before, after)
+    assert not (tmp_path / "partial.pt").exists()  # removed once the depth is done
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained_pair, tmp_path):
+    teachers, data, _ = trained_pair
+    net = zipper.zip_models(teachers, 2)
+    clean = {t: batches(x, y, 16) for t, (x, y) in data.items()}
+
+    def poisoned(stream, at):
+        for i, (x, y) in enumerate(stream):
+            yield (x * float("nan") if i >= at else x), y
+
+    streams = {t: poisoned(s, at=6) for t, s in clean.items()}
+    cfg = CalibrateConfig(steps=20, checkpoint_every=3, bn_reset_batches=0)
+    with pytest.raises(FloatingPointError, match="non-finite calibration loss at depth 2, step 6"):
+        calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
+    kept = torch.load(tmp_path / "partial.pt", weights_only=True)
+    assert kept["step"] == 6 and all(torch.isfinite(v).all() for v in kept["net"].values() if v.is_floating_point())
+
+
+def test_a_killed_calibration_resumes_from_its_partial_checkpoint(trained_pair, tmp_path):
+    teachers, data, _ = trained_pair
+    cfg = CalibrateConfig(steps=6, checkpoint_every=3, bn_reset_batches=0, lr=0.01)
+    streams = lambda: {t: batches(x, y, 16) for t, (x, y) in data.items()}  # noqa: E731
+
+    class Killed(Exception):
+        pass
+
+    def dying(stream, after):
+        for i, b in enumerate(stream):
+            if i == after:
+                raise Killed
+            yield b
+
+    net = zipper.zip_models(teachers, 1)
+    with pytest.raises(Killed):
+        calibrate(net, teachers, {t: dying(s, 4) for t, s in streams().items()}, cfg, partial_path=tmp_path / "p.pt")
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["step"] == 3
+    resumed = zipper.zip_models(teachers, 1)
+    curves = calibrate(resumed, teachers, streams(), cfg, partial_path=tmp_path / "p.pt")
+    assert len(curves["loss"]) == 6  # 3 restored + 3 new
