@@ -1,0 +1,114 @@
+"""The real pipeline: `dvc repro` on the tiny params in a temporary git repo, MLflow registry, promote."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
+DEPTHS = [0, 1, 2, 3]
+
+pytestmark = pytest.mark.slow
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's zipper and dvc
+    env.setdefault("MPLBACKEND", "Agg")
+    return env
+
+
+def _run(cwd: Path, *cmd: str) -> str:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{out[-4000:]}"
+    return out
+
+
+def _ran(output: str) -> set[str]:
+    return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC project holding our dvc.yaml, the tiny params and the code the stages depend on."""
+    root = tmp_path_factory.mktemp("project")
+    shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
+    shutil.copy(TINY, root / "params.yaml")
+    shutil.copytree(REPO / "zipper", root / "zipper", ignore=shutil.ignore_patterns("__pycache__"))
+    _run(root, "git", "init", "-q")
+    _run(root, "dvc", "init", "-q")
+    out = _run(root, "dvc", "repro")
+    (root / "first_repro.log").write_text(out)
+    return root
+
+
+def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
+    import mlflow
+
+    for depth in DEPTHS:
+        assert (project / f"models/zip/depth_{depth}.pt").is_file()
+        metrics = json.loads((project / f"metrics/depth_{depth}.json").read_text())
+        assert metrics["depth"] == depth and set(metrics["acc"]) == {"shapes", "textures"}
+        assert metrics["comp_conv"] >= 1.0 and metrics["speedup"] > 0
+    assert "| 3 |" in (project / "reports/table.md").read_text()
+    assert (project / "reports/accuracy.png").stat().st_size > 1000
+    summary = json.loads((project / "reports/mlflow.json").read_text())
+    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+    assert summary["tracking_uri"] == f"sqlite:///{project.resolve() / 'mlflow.db'}"
+    parent = client.get_run(summary["parent_run_id"])
+    children = client.search_runs([parent.info.experiment_id],
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(int(r.data.params["depth"]) for r in children) == DEPTHS
+    deepest = next(r for r in children if r.data.params["depth"] == "3")
+    assert len(client.get_metric_history(deepest.info.run_id, "loss")) == 10  # calibrate.steps
+    versions = client.search_model_versions(f"name='{summary['registered_model']}'")
+    assert sorted(int(v.tags["depth"]) for v in versions) == DEPTHS
+
+
+def test_promote_and_load_the_champion_with_pyfunc(project):
+    import mlflow
+
+    out = _run(project, "zipper", "promote", "--depth", "2")
+    assert '"depth": 2' in out
+    bad = subprocess.run(["zipper", "promote", "--max-drop", "-1000"], cwd=project, env=_env(), capture_output=True,
+                         text=True)
+    assert bad.returncode == 2 and "no depth meets --max-drop -1000" in bad.stderr
+    summary = json.loads((project / "reports/mlflow.json").read_text())
+    mlflow.set_tracking_uri(summary["tracking_uri"])
+    model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
+    pred = model.predict(images)
+    classes = {t: json.loads((project / f"data/shards/{t}/manifest.json").read_text())["classes"]
+               for t in ("shapes", "textures")}
+    assert list(pred.columns) == ["shapes", "textures"] and len(pred) == 5
+    assert all(c in classes[t] for t in pred.columns for c in pred[t])
+
+
+def test_second_repro_runs_nothing(project):
+    out = _run(project, "dvc", "repro")
+    assert _ran(out) == set(), out
+
+
+def test_deleting_the_last_depth_reruns_only_it_and_what_follows(project):
+    (project / "models/zip/depth_3.pt").unlink()
+    out = _run(project, "dvc", "repro")
+    ran = _ran(out)
+    assert {"zip@3", "evaluate@3"} <= ran <= {"zip@3", "evaluate@3", "report", "register"}, out
+
+
+def test_changing_calibrate_reruns_zip_and_evaluate_only(project):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["calibrate"]["lr"] = params["calibrate"]["lr"] / 2
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    ran = _ran(_run(project, "dvc", "repro"))
+    assert {"zip@1", "zip@2", "zip@3", "evaluate@1", "evaluate@2", "evaluate@3"} <= ran, ran
+    assert not ran & {"data", "teachers", "features", "zip0"}, ran

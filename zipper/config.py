@@ -1,0 +1,183 @@
+"""params.yaml -> frozen dataclasses, one per stage section; the only config source.
+
+Unknown keys and wrong types are errors that name the key (`calibrate.lr: expected float, got 'fast'`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from .calibrate import CalibrateConfig
+from .io import sha256_json
+from .merge import INITS, SCOPES
+from .models import ARCHS
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    tasks: dict[str, dict[str, Any]]  # task name -> source spec (see zipper.data.write_shards)
+    maxcount: int = 1000  # samples per shard
+    on_bad_sample: str = "error"  # or "skip"
+
+    def __post_init__(self) -> None:
+        if len(self.tasks) < 2:
+            raise ValueError(f"data.tasks: zippering needs at least two tasks, got {list(self.tasks)}")
+        for task, src in self.tasks.items():
+            if not isinstance(src, Mapping) or "source" not in src:
+                raise ValueError(f"data.tasks.{task}: expected a mapping with a 'source' key")
+        if self.on_bad_sample not in ("error", "skip"):
+            raise ValueError(f"data.on_bad_sample: expected 'error' or 'skip', got {self.on_bad_sample!r}")
+
+
+@dataclass(frozen=True)
+class TeachersConfig:
+    arch: str = "mobilenet_v1"
+    width: float = 0.25
+    input_size: int = 32
+    steps: int = 700
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    augment: bool = True
+    seed: int = 0
+    checkpoints: dict[str, str] = field(default_factory=dict)  # task -> file to import instead of training
+
+    def __post_init__(self) -> None:
+        if self.arch not in ARCHS:
+            raise ValueError(f"teachers.arch: unknown {self.arch!r}; registered: {', '.join(sorted(ARCHS))}")
+
+
+@dataclass(frozen=True)
+class FeaturesConfig:
+    enabled: bool = True  # cache teacher targets; off = calibration computes them online
+    budget_mb: float = 1024.0
+    batch_size: int = 128
+
+
+@dataclass(frozen=True)
+class ZipperConfig:
+    scope: str = "block"
+    init: str = "average"
+    align_batches: int = 8  # calibration batches per task seen by init "activations"
+    # The depth chain for DVC's foreach: each item names the checkpoint it starts from.
+    chain: list[dict[str, int]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"zipper.scope: unknown {self.scope!r}; expected one of {SCOPES}")
+        if self.init not in INITS:
+            raise ValueError(f"zipper.init: unknown {self.init!r}; expected one of {INITS}")
+        for i, item in enumerate(self.chain, 1):
+            if item != {"depth": i, "prev": i - 1}:
+                raise ValueError(f"zipper.chain[{i - 1}]: expected {{depth: {i}, prev: {i - 1}}}, got {item}")
+
+    @property
+    def depths(self) -> list[int]:
+        return [item["depth"] for item in self.chain]
+
+
+@dataclass(frozen=True)
+class EvaluateConfig:
+    batch_size: int = 256
+    latency_repeats: int = 30
+    threads: int = 1
+    memory: bool = True  # measure peak forward memory in child processes
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    uri: str = ""  # empty: sqlite file mlflow.db at the project root (made absolute)
+    experiment: str = "zipper"
+    registered_model: str = "zipper"
+
+    def tracking_uri(self, root: str | os.PathLike) -> str:
+        if self.uri:
+            return self.uri
+        return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+
+
+@dataclass(frozen=True)
+class Params:
+    data: DataConfig
+    teachers: TeachersConfig = field(default_factory=TeachersConfig)
+    features: FeaturesConfig = field(default_factory=FeaturesConfig)
+    zipper: ZipperConfig = field(default_factory=ZipperConfig)
+    calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+    @property
+    def tasks(self) -> list[str]:
+        return list(self.data.tasks)
+
+    def section_hash(self, name: str) -> str:
+        """What a stage's outputs record as the config that made them."""
+        return sha256_json(dataclasses.asdict(getattr(self, name)))
+
+
+def load_params(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Params:
+    """Read and validate params.yaml; `overrides` are dotted keys (`calibrate.steps`) applied on top."""
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise FileNotFoundError(f"params file not found: {path}") from None
+    except yaml.YAMLError as e:
+        raise ValueError(f"{path}: not valid YAML: {e}") from e
+    for key, value in (overrides or {}).items():
+        _set_dotted(raw, key, value)
+    try:
+        return _build(Params, raw, "")
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _set_dotted(raw: dict, key: str, value: Any) -> None:
+    *parents, last = key.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ValueError(f"override {key!r}: {p!r} is not a section")
+    node[last] = value
+
+
+def _build(cls: type, raw: Any, where: str) -> Any:
+    if not isinstance(raw, Mapping):
+        raise ValueError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(raw) - set(fields))
+    if unknown:
+        raise ValueError(f"unknown key {where + unknown[0]!r} (known: {', '.join(fields)})")
+    kwargs = {name: _convert(hints[name], value, f"{where}{name}") for name, value in raw.items()}
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ValueError(f"missing key {where + missing[0]!r}")
+    return cls(**kwargs)
+
+
+def _convert(hint: Any, value: Any, key: str) -> Any:
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, key + ".")
+    origin = typing.get_origin(hint) or hint
+    if origin in (dict, list):
+        if not isinstance(value, origin):
+            raise ValueError(f"{key}: expected a {origin.__name__}, got {value!r}")
+        return value
+    if origin is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if origin in (int, str, bool) and type(value) is origin:
+        return value
+    if origin is types.UnionType or origin is typing.Union:
+        return value
+    raise ValueError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")

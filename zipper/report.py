@@ -1,0 +1,92 @@
+"""Per-depth results as a markdown table (like the paper's Table 1) and plots (like its Figures 3-4)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+from .io import atomic_path, write_json, write_text
+
+
+def flat_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> list[dict[str, Any]]:
+    """One flat record per depth (what `dvc plots` and the table read)."""
+    out = []
+    for r in rows:
+        flat = {"depth": r["depth"], "comp_conv": r["comp_conv"], "comp_params": r["comp_params"],
+                "macs_ratio": r["macs_ratio"], "speedup": r["speedup"], "memory_comp": r["memory_comp"],
+                "max_drop_pp": r["max_drop_pp"]}
+        for t in tasks:
+            flat[f"acc_{t}"] = 100 * r["acc"][t]
+            flat[f"drop_{t}"] = r["drop_pp"][t]
+        out.append(flat)
+    return out
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
+    fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
+    head = ["depth", "comp (conv)", "comp (params)", "MACs ratio", "speedup", "memory"] + \
+           [f"acc {t} (%)" for t in tasks] + ["worst drop (pp)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in flat_rows(rows, tasks):
+        cells = [str(r["depth"]), fmt(r["comp_conv"], ".3f"), fmt(r["comp_params"], ".3f"), fmt(r["macs_ratio"], ".2f"),
+                 fmt(r["speedup"], ".2f"), fmt(r["memory_comp"], ".2f")]
+        cells += [f"{r[f'acc_{t}']:.2f} ({-r[f'drop_{t}']:+.2f})" for t in tasks]
+        cells.append(f"{r['max_drop_pp']:.2f}")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], out_dir: Path) -> list[Path]:
+    """accuracy.png: accuracy per task against depth, speedup on the right axis (the paper's Fig. 3-4);
+    ratios.png: speedup, compression and memory against depth."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    flat = flat_rows(rows, tasks)
+    depths = [r["depth"] for r in flat]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for t in tasks:
+        line, = ax.plot(depths, [r[f"acc_{t}"] for r in flat], marker="o", label=f"{t} (zipper)")
+        ax.axhline(100 * rows[0]["teacher_acc"][t], ls=":", color=line.get_color(), label=f"{t} (teacher)")
+    ax.set(xlabel="shared blocks (depth)", ylabel="top-1 accuracy (%)", title="Accuracy and speedup over zipper depth")
+    right = ax.twinx()
+    right.plot(depths, [r["speedup"] for r in flat], color="tab:orange", ls="--", marker="s", label="speedup")
+    right.set_ylabel("speedup (x)")
+    handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="lower left", fontsize=8)
+    paths = [_save(fig, out_dir / "accuracy.png")]
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for key, label in [("speedup", "speedup"), ("comp_params", "compression (params)"),
+                       ("comp_conv", "compression (conv weights)"), ("memory_comp", "runtime memory")]:
+        if all(r[key] is not None for r in flat):
+            ax.plot(depths, [r[key] for r in flat], marker="o", label=label)
+    ax.set(xlabel="shared blocks (depth)", ylabel="teachers / zipper (x)", title="Savings over zipper depth")
+    ax.legend(fontsize=8)
+    paths.append(_save(fig, out_dir / "ratios.png"))
+    return paths
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, tasks: Sequence[str]) -> str:
+    """Write table.md, depths.json and the plots into `out_dir`; return the markdown table."""
+    out_dir = Path(out_dir)
+    table = markdown_table(rows, tasks)
+    r0 = rows[0]
+    header = (f"# Zipper report\n\nscope `{r0['scope']}`, init `{r0['init']}`; teachers: "
+              + ", ".join(f"{t} {100 * r0['teacher_acc'][t]:.2f}%" for t in tasks)
+              + ". Ratios are teachers run one after the other / zipper (bigger is better); "
+                "accuracy in brackets: change against the teacher in points.\n\n")
+    write_text(out_dir / "table.md", header + table + "\n![accuracy](accuracy.png)\n![ratios](ratios.png)\n")
+    write_json(out_dir / "depths.json", flat_rows(rows, tasks))
+    plot(rows, tasks, out_dir)
+    return table

@@ -1,0 +1,229 @@
+"""The pipeline's stage functions. DVC (`zipper <stage>`) and Prefect (flows/) both call these.
+
+Each stage reads its inputs and writes its outputs at the paths of a `Layout`, atomically, and
+records in every checkpoint what made it (its params section hashes and its inputs' sha256).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+from .config import Params
+from .io import sha256_file, write_json, write_text
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where every stage's inputs and outputs live, relative to the project root (mirrored by dvc.yaml)."""
+
+    root: Path = Path(".")
+
+    def shards(self, task: str) -> Path:
+        return self.root / "data" / "shards" / task
+
+    def teacher(self, task: str) -> Path:
+        return self.root / "models" / "teachers" / f"{task}.pt"
+
+    @property
+    def teacher_metrics(self) -> Path:
+        return self.root / "metrics" / "teachers.json"
+
+    def features(self, task: str) -> Path:
+        return self.root / "data" / "features" / task
+
+    def zipped(self, depth: int) -> Path:
+        return self.root / "models" / "zip" / f"depth_{depth}.pt"
+
+    def curves(self, depth: int) -> Path:
+        return self.root / "models" / "zip" / f"depth_{depth}.curves.json"
+
+    def partial(self, depth: int) -> Path:
+        """Resumable mid-calibration state (not a DVC output: removed when the depth completes)."""
+        return self.root / "models" / "zip" / f"depth_{depth}.partial.pt"
+
+    def metrics(self, depth: int) -> Path:
+        return self.root / "metrics" / f"depth_{depth}.json"
+
+    @property
+    def reports(self) -> Path:
+        return self.root / "reports"
+
+
+# ----------------------------------------------------------------------------------------- data
+def run_data(params: Params, layout: Layout, tasks: list[str] | None = None) -> None:
+    """Shard each task's source into WebDataset tars + manifest."""
+    from .data import write_shards
+
+    for task in tasks or params.tasks:
+        write_shards(params.data.tasks[task], task, layout.shards(task), maxcount=params.data.maxcount,
+                     on_bad_sample=params.data.on_bad_sample)
+
+
+# ------------------------------------------------------------------------------------- teachers
+def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None) -> dict[str, float]:
+    """Train (or import) one teacher per task; writes checkpoints and their val accuracies."""
+    from .data import read_manifest, val_batches
+    from .evaluate import accuracy
+    from .teachers import import_teacher, save_teacher, train_teacher
+
+    cfg = params.teachers
+    accs = {}
+    for task in tasks or params.tasks:
+        manifest = read_manifest(layout.shards(task))
+        classes = manifest["classes"]
+        if task in cfg.checkpoints:
+            model = import_teacher(cfg.checkpoints[task], arch=cfg.arch, num_classes=len(classes), width=cfg.width,
+                                   input_size=cfg.input_size)
+            acc = accuracy(model, val_batches(layout.shards(task), input_size=cfg.input_size, batch_size=256))
+            origin = {"imported_from": str(cfg.checkpoints[task]), "imported_sha256": sha256_file(cfg.checkpoints[task])}
+        else:
+            model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width, input_size=cfg.input_size,
+                                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                                       weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                       seed=cfg.seed + params.tasks.index(task), augment=cfg.augment)
+            origin = {}
+        save_teacher(model, layout.teacher(task), task=task, classes=classes, val_acc=acc, provenance={
+            "params.teachers": params.section_hash("teachers"),
+            "shards_manifest_sha256": sha256_file(layout.shards(task) / "manifest.json"), **origin})
+        log.info("teacher %s: val accuracy %.2f%%", task, 100 * acc)
+        accs[task] = acc
+    _update_json(layout.teacher_metrics, {t: {"val_acc": a} for t, a in accs.items()})
+    return accs
+
+
+def _update_json(path: Path, entries: Mapping[str, Any]) -> None:
+    """Merge entries into a JSON object file (stages may run per task, in parallel under Prefect)."""
+    current = json.loads(path.read_text()) if path.exists() else {}
+    write_json(path, {**current, **entries})
+
+
+def load_teachers(params: Params, layout: Layout) -> dict[str, Any]:
+    from .teachers import load_teacher
+
+    return {t: load_teacher(layout.teacher(t))[0] for t in params.tasks}
+
+
+# ------------------------------------------------------------------------------------- features
+def run_features(params: Params, layout: Layout, tasks: list[str] | None = None) -> None:
+    """Cache each teacher's calibration targets (logits + pointwise taps) next to its images."""
+    from .data.features import write_feature_cache
+    from .teachers import load_teacher
+
+    for task in tasks or params.tasks:
+        out = layout.features(task)
+        if not params.features.enabled:
+            write_text(out / "DISABLED", "features.enabled is false: calibration computes teacher targets online\n")
+            continue
+        teacher, _ = load_teacher(layout.teacher(task))
+        write_feature_cache(teacher, layout.shards(task), out, input_size=params.teachers.input_size,
+                            batch_size=params.features.batch_size, budget_mb=params.features.budget_mb,
+                            teacher_sha256=sha256_file(layout.teacher(task)))
+
+
+def calibration_streams(params: Params, layout: Layout, seed: int) -> tuple[dict[str, Iterator], str]:
+    """Per task: cached targets when a matching cache exists, else online (augmented) batches."""
+    from .data import train_batches
+    from .data.features import cache_matches, cached_batches
+
+    size, bs = params.teachers.input_size, params.calibrate.batch_size
+    cached = params.features.enabled and all(
+        cache_matches(layout.features(t), sha256_file(layout.teacher(t)), input_size=size) for t in params.tasks)
+    if cached:
+        return {t: cached_batches(layout.features(t), batch_size=bs, seed=seed, input_size=size) for t in params.tasks}, "cache"
+    return {t: train_batches(layout.shards(t), input_size=size, batch_size=bs, augment=params.teachers.augment, seed=seed)
+            for t in params.tasks}, "online"
+
+
+# ------------------------------------------------------------------------------------------ zip
+def run_zip(params: Params, layout: Layout, depth: int) -> None:
+    """Depth 0: the teachers side by side. Depth k: merge block k into the calibrated depth k-1, calibrate."""
+    from .calibrate import calibrate
+    from .merge import deepen, side_by_side
+    from .merge import load as load_zipper
+
+    teachers = load_teachers(params, layout)
+    provenance = {"params.zipper": params.section_hash("zipper"), "params.calibrate": params.section_hash("calibrate"),
+                  **{f"teacher.{t}.sha256": sha256_file(layout.teacher(t)) for t in params.tasks}}
+    if depth == 0:
+        side_by_side(teachers, params.zipper.scope).save(layout.zipped(0), **provenance)
+        write_json(layout.curves(0), {"depth": 0, "targets": None, "loss": [], "ce": [], "distill": [], "lr": []})
+        return
+    prev_path = layout.zipped(depth - 1)
+    prev = load_zipper(prev_path)
+    if prev.spec.scope != params.zipper.scope:
+        raise ValueError(f"{prev_path}: made with scope {prev.spec.scope!r} but zipper.scope is "
+                         f"{params.zipper.scope!r}; rerun from depth 0")
+    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
+    if params.zipper.init == "average":
+        net = deepen(prev, depth)
+    else:
+        from .merge.align import deepen_aligned
+
+        align_data = [next(streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
+        net = deepen_aligned(prev, depth, params.zipper.init, batches=align_data)
+    log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets",
+             depth, prev_path.name, params.zipper.init, targets)
+    curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth))
+    net.save(layout.zipped(depth), **provenance, prev_sha256=sha256_file(prev_path), targets=targets)
+    write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves})
+
+
+# ------------------------------------------------------------------------------------- evaluate
+def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
+    """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
+    from .data import val_batches
+    from .evaluate import evaluate_zipper, profile
+    from .merge import load as load_zipper
+
+    net = load_zipper(layout.zipped(depth)).eval()
+    teachers = load_teachers(params, layout)
+    cfg = params.evaluate
+    val = {t: val_batches(layout.shards(t), input_size=params.teachers.input_size, batch_size=cfg.batch_size)
+           for t in params.tasks}
+    acc = evaluate_zipper(net, val)
+    teacher_acc = {t: v["val_acc"] for t, v in json.loads(layout.teacher_metrics.read_text()).items() if t in acc}
+    drop = {t: 100 * (teacher_acc[t] - acc[t]) for t in acc}
+    prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory)
+    curves = json.loads(layout.curves(depth).read_text())
+    row = {"depth": depth, "scope": net.spec.scope, "init": params.zipper.init, "targets": curves["targets"],
+           "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),
+           "final_loss": curves["loss"][-1] if curves["loss"] else None,
+           **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
+                                   "speedup", "latency_teachers_ms", "latency_zipper_ms")},
+           "memory_comp": prof.get("memory_comp")}
+    write_json(layout.metrics(depth), row)
+    log.info("depth %d: acc %s, max drop %.2f pp, speedup %.2fx", depth,
+             {t: f"{100 * a:.1f}%" for t, a in acc.items()}, row["max_drop_pp"], row["speedup"])
+    return row
+
+
+def collect_metrics(params: Params, layout: Layout) -> list[dict[str, Any]]:
+    depths = [0, *params.zipper.depths]
+    missing = [layout.metrics(d) for d in depths if not layout.metrics(d).exists()]
+    if missing:
+        raise FileNotFoundError(f"no metrics for this depth yet: {missing[0]} (run its evaluate stage)")
+    return [json.loads(layout.metrics(d).read_text()) for d in depths]
+
+
+# --------------------------------------------------------------------------------------- report
+def run_report(params: Params, layout: Layout) -> str:
+    from .report import write_report
+
+    return write_report(collect_metrics(params, layout), layout.reports, tasks=params.tasks)
+
+
+def run_register(params: Params, layout: Layout) -> dict[str, Any]:
+    from .tracking import log_pipeline
+
+    summary = log_pipeline(params, layout, collect_metrics(params, layout))
+    write_json(layout.reports / "mlflow.json", summary)
+    return summary
+
+
+def params_summary(params: Params) -> dict[str, Any]:
+    return asdict(params)
