@@ -16,8 +16,13 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# The whole pipeline on the embedded default data, then the results and where to look next.
 demo: install
-	$(PY) -m zipper.demo
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" DVC_NO_ANALYTICS=1 $(VENV)/bin/dvc repro
+	@echo; cat reports/table.md; echo
+	@echo "Plots:     reports/accuracy.png reports/ratios.png   (or: $(VENV)/bin/dvc plots show)"
+	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "Promote:   $(VENV)/bin/zipper promote --max-drop 1.0   (puts alias @champion on the deepest depth within 1 point)"
 
 test: install
 	$(PY) -m pytest -q

@@ -23,6 +23,7 @@ def _env() -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's zipper and dvc
     env.setdefault("MPLBACKEND", "Agg")
+    env["DVC_NO_ANALYTICS"] = "1"  # no network here; the analytics daemon only costs time
     return env
 
 

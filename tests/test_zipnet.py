@@ -126,3 +126,15 @@ def test_load_refuses_a_non_zipper_file(tmp_path):
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(ValueError, match="bad.pt"):
         zipper.load(tmp_path / "bad.pt")
+
+
+def test_onnx_export_has_one_output_per_task_and_matches(tmp_path, tiny_teachers):
+    ort = pytest.importorskip("onnxruntime")
+    net = zipper.zip_models(tiny_teachers, 6).eval()
+    net.export_onnx(tmp_path / "z.onnx")
+    session = ort.InferenceSession(str(tmp_path / "z.onnx"))
+    assert [o.name for o in session.get_outputs()] == ["a", "b"]
+    x = torch.randn(3, 3, 32, 32)  # batch 3: the batch axis is dynamic
+    got = dict(zip(["a", "b"], session.run(None, {"images": x.numpy()})))
+    for t, v in net(x).items():
+        torch.testing.assert_close(torch.from_numpy(got[t]), v, rtol=1e-4, atol=1e-4)

@@ -6,7 +6,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .align import align_models, deepen_aligned
-from .zipnet import SCOPES, ZipperNet, ZipperSpec, check_compatible, deepen, load, side_by_side
+from .zipnet import SCOPES, ZipperNet, ZipperSpec, check_compatible, deepen, export_onnx, load, side_by_side
 
 # How shared weights start. "average" is the paper's eq. 1; alignment inits permute the
 # branches' channels to match the first task's before averaging (see merge/align.py).
@@ -33,5 +33,5 @@ def zip_models(teachers: Mapping[str, nn.Module], depth: int, *, scope: str = "b
     return deepen(side_by_side(teachers, scope), depth)
 
 
-__all__ = ["INITS", "SCOPES", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned", "load",
+__all__ = ["INITS", "SCOPES", "export_onnx", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned", "load",
            "side_by_side", "zip_models"]

@@ -19,7 +19,7 @@ from typing import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..io import load_torch, save_torch
+from ..io import atomic_path, load_torch, save_torch
 from ..models import Backbone, build_model, capture, pointwise_pairs
 
 SCOPES = ("block", "pointwise")
@@ -124,6 +124,30 @@ class ZipperNet(nn.Module):
         """One file: spec + state_dict (+ what made it), written atomically."""
         save_torch({"format": FORMAT, "spec": spec_to_dict(self.spec), "state_dict": self.state_dict(),
                     "provenance": dict(provenance)}, path)
+
+    def export_onnx(self, path: str | os.PathLike) -> None:
+        export_onnx(self, path)
+
+
+class _TaskTuple(nn.Module):
+    """ONNX wants positional outputs: one per task, in spec order."""
+
+    def __init__(self, net: ZipperNet) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.net(x)
+        return tuple(out[t] for t in self.net.spec.task_names)
+
+
+def export_onnx(net: ZipperNet, path: str | os.PathLike, *, opset: int = 17) -> None:
+    """Export to ONNX: input `images` (N, 3, S, S) with a dynamic batch, one output per task, named by task."""
+    size = net.spec.input_size
+    with atomic_path(path) as tmp:
+        torch.onnx.export(_TaskTuple(net).eval(), (torch.randn(1, 3, size, size),), str(tmp), input_names=["images"],
+                          output_names=net.spec.task_names, opset_version=opset, dynamo=False,
+                          dynamic_axes={"images": {0: "batch"}, **{t: {0: "batch"} for t in net.spec.task_names}})
 
 
 def spec_to_dict(spec: ZipperSpec) -> dict:

@@ -1,0 +1,51 @@
+"""params.yaml validation: the shipped files load; bad keys and types name the key at fault."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from zipper.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", ["params.yaml", "tests/fixtures/params.tiny.yaml"])
+def test_shipped_params_load(path):
+    params = load_params(REPO / path)
+    assert params.tasks == ["shapes", "textures"]
+    assert params.zipper.depths == list(range(1, len(params.zipper.depths) + 1))
+
+
+def _write(tmp_path, mutate) -> Path:
+    raw = yaml.safe_load((REPO / "tests/fixtures/params.tiny.yaml").read_text())
+    mutate(raw)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda r: r["calibrate"].update(learning_rate=0.1), r"unknown key 'calibrate.learning_rate'"),
+    (lambda r: r["calibrate"].update(lr="fast"), r"calibrate.lr: expected float, got 'fast'"),
+    (lambda r: r["teachers"].update(steps=1.5), r"teachers.steps: expected int"),
+    (lambda r: r.update(extra={}), r"unknown key 'extra'"),
+    (lambda r: r["zipper"].update(scope="layer"), r"zipper.scope: unknown 'layer'"),
+    (lambda r: r["zipper"].update(chain=[{"depth": 2, "prev": 1}]), r"zipper.chain\[0\]"),
+    (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
+    (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
+])
+def test_bad_params_name_the_key(tmp_path, mutate, match):
+    with pytest.raises(ValueError, match=match):
+        load_params(_write(tmp_path, mutate))
+
+
+def test_overrides_apply_dotted_keys():
+    params = load_params(REPO / "tests/fixtures/params.tiny.yaml", {"calibrate.steps": 3, "zipper.init": "weights"})
+    assert params.calibrate.steps == 3 and params.zipper.init == "weights"
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_params(tmp_path / "nope.yaml")
