@@ -7,7 +7,7 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(min(2, torch.get_num_threads()))
+torch.set_num_threads(1)  # tiny forwards: threads only add overhead (and thrash on a busy box)
 
 TINY = dict(width=0.25, input_size=32)
 

@@ -51,7 +51,7 @@ def _promote(args: argparse.Namespace) -> None:
 def _bench(args: argparse.Namespace) -> None:
     from . import bench
 
-    bench.table1(repeats=args.repeats, json_path=args.json)
+    bench.table1(repeats=args.repeats, json_path=args.json, threads=args.threads, batch=args.batch)
 
 
 def _flow(args: argparse.Namespace) -> None:
@@ -97,6 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
     t1 = bench_sub.add_parser("table1", help="the paper's Table 1 columns: MobileNetV1-1.0, 224 px, 1000+50 classes")
     t1.add_argument("--repeats", type=int, default=20, help="timed forward passes per model (median)")
     t1.add_argument("--json", help="also write the rows as JSON here")
+    t1.add_argument("--threads", type=int, help="torch threads while timing (default: 1)")
+    t1.add_argument("--batch", type=int, default=1, help="images per forward pass (default: 1, the deployment case)")
     t1.set_defaults(func=_bench)
 
     flow_p = sub.add_parser("flow", help="the pipeline as a Prefect flow")

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -147,7 +147,7 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     from .merge import load as load_zipper
 
     teachers = load_teachers(params, layout)
-    provenance = {"params.zipper": params.section_hash("zipper"), "params.calibrate": params.section_hash("calibrate"),
+    provenance = {"params.zipper": params.section_hash("zipper"),
                   **{f"teacher.{t}.sha256": sha256_file(layout.teacher(t)) for t in params.tasks}}
     if depth == 0:
         side_by_side(teachers, params.zipper.scope).save(layout.zipped(0), **provenance)
@@ -169,7 +169,8 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets",
              depth, prev_path.name, params.zipper.init, targets)
     curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth))
-    net.save(layout.zipped(depth), **provenance, prev_sha256=sha256_file(prev_path), targets=targets)
+    net.save(layout.zipped(depth), **provenance, **{"params.calibrate": params.section_hash("calibrate")},
+             prev_sha256=sha256_file(prev_path), targets=targets)
     write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves})
 
 
@@ -224,6 +225,3 @@ def run_register(params: Params, layout: Layout) -> dict[str, Any]:
     write_json(layout.reports / "mlflow.json", summary)
     return summary
 
-
-def params_summary(params: Params) -> dict[str, Any]:
-    return asdict(params)
