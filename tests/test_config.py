@@ -32,7 +32,8 @@ def _write(tmp_path, mutate) -> Path:
     (lambda r: r["teachers"].update(steps=1.5), r"teachers.steps: expected int"),
     (lambda r: r.update(extra={}), r"unknown key 'extra'"),
     (lambda r: r["zipper"].update(scope="layer"), r"zipper.scope: unknown 'layer'"),
-    (lambda r: r["zipper"].update(chain=[{"depth": 2, "prev": 1}]), r"zipper.chain\[0\]"),
+    (lambda r: r["zipper"].update(chain={"2": 1}), r"zipper.chain: entry 1 must be"),
+    (lambda r: r["zipper"].update(chain={1: 0}), r"zipper.chain: entry 1 must be '\"1\": 0'"),
     (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
     (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
 ])

@@ -67,21 +67,23 @@ class ZipperConfig:
     scope: str = "block"
     init: str = "average"
     align_batches: int = 8  # calibration batches per task seen by init "activations"
-    # The depth chain for DVC's foreach: each item names the checkpoint it starts from.
-    chain: list[dict[str, int]] = field(default_factory=list)
+    # The depth chain for DVC's foreach (stages zip@<depth>): depth -> the depth it starts from.
+    # Keys are quoted strings: DVC's foreach silently drops a mapping with integer keys.
+    chain: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.scope not in SCOPES:
             raise ValueError(f"zipper.scope: unknown {self.scope!r}; expected one of {SCOPES}")
         if self.init not in INITS:
             raise ValueError(f"zipper.init: unknown {self.init!r}; expected one of {INITS}")
-        for i, item in enumerate(self.chain, 1):
-            if item != {"depth": i, "prev": i - 1}:
-                raise ValueError(f"zipper.chain[{i - 1}]: expected {{depth: {i}, prev: {i - 1}}}, got {item}")
+        for i, (depth, prev) in enumerate(self.chain.items(), 1):
+            if (depth, prev) != (str(i), i - 1):
+                raise ValueError(f"zipper.chain: entry {i} must be '\"{i}\": {i - 1}' (depth: previous depth), "
+                                 f"got '{depth!r}: {prev!r}'")
 
     @property
     def depths(self) -> list[int]:
-        return [item["depth"] for item in self.chain]
+        return [int(depth) for depth in self.chain]
 
 
 @dataclass(frozen=True)
