@@ -1,0 +1,419 @@
+"""Compare how merged weights start: plain average (eq. 1) vs channel alignment (weights, activations).
+
+For every depth k in a set and every init, starting from the teachers themselves (not the chain):
+
+1. `zip_models(teachers, k, init=...)`, then BN running stats re-estimated on calibration data
+   (`reset_bn_stats`, each task's images through its own path) -> per-task val accuracy "before";
+2. `zipper.calibrate.calibrate` for a fixed budget, paused every `--eval-every` steps to measure
+   val accuracy -> accuracy "after" and the first evaluated step at which every task is within
+   1 point of its teacher.
+
+    .venv/bin/python benchmarks/compare_inits.py [--params params.yaml] [--root /tmp/zipper-compare]
+        [--depths 1,2,3,5,7,9,11,13 | all] [--steps 150] [--eval-every 25] [--batch-size 64]
+        [--inits average,weights,activations] [--threads 1] [--out docs/alignment]
+
+Teachers, shards and the feature cache come from the real stage functions (`run_data`,
+`run_teachers`, `run_features`) under `--root`, reused when already there. Writes
+`<out>.json` (every number), `<out>.md` (tables + the command) and `<out>.png` (plot).
+
+Pausing: calibrate() is driven through its own resume path. The calibration streams are wrapped so
+that the first `next()` of step s raises `Pause`; with `checkpoint_every = --eval-every` the
+partial checkpoint written just before holds exactly the in-memory state (net, optimizer, cosine
+schedule, curves), and the next calibrate() call resumes from it. The result is the same run as
+an uninterrupted calibrate() (same data order, same updates); only the evaluations are added.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import torch
+
+from zipper.calibrate import CalibrateConfig, calibrate
+from zipper.config import Params, load_params
+from zipper.data import read_manifest, val_batches
+from zipper.data.features import cache_matches
+from zipper.evaluate import accuracy, evaluate_zipper
+from zipper.io import sha256_file
+from zipper.merge import INITS, ZipperNet, zip_models
+from zipper.merge.bn import reset_bn_stats
+from zipper.stages import Layout, calibration_streams, load_teachers, run_data, run_features, run_teachers
+
+log = logging.getLogger("compare_inits")
+WITHIN_PP = 1.0  # "close to the teachers": every task within this many points
+LOOSE_PP = (5.0, 10.0)  # looser bars, reported too: a short budget may reach no depth within WITHIN_PP
+
+
+# ------------------------------------------------------------------------------------ setup
+def ensure_teachers(params: Params, layout: Layout) -> None:
+    """Shards, teachers and (when enabled) the feature cache under `layout.root`, made only if missing."""
+    tasks = params.tasks
+    if not all((layout.shards(t) / "manifest.json").exists() for t in tasks):
+        log.info("writing shards under %s", layout.root)
+        run_data(params, layout)
+    missing = [t for t in tasks if not layout.teacher(t).exists()]
+    if missing:
+        log.info("training teachers %s (params.teachers: %d steps)", missing, params.teachers.steps)
+        run_teachers(params, layout, missing)
+    else:
+        log.info("reusing teachers in %s", layout.teacher(tasks[0]).parent)
+    if params.features.enabled:
+        stale = [t for t in tasks if not cache_matches(layout.features(t), sha256_file(layout.teacher(t)),
+                                                        input_size=params.teachers.input_size)]
+        if stale:
+            log.info("caching teacher targets for %s", stale)
+            run_features(params, layout, stale)
+
+
+# --------------------------------------------------------------------- paced calibration
+class Pause(Exception):
+    """Raised by a paced stream to stop calibrate() at a chunk boundary."""
+
+
+class Pacer:
+    """Wraps calibration streams; the first task's stream raises `Pause` once `stop_at` steps ran.
+
+    calibrate() draws one batch per task per step in task order, so counting the first task's
+    draws counts steps (calibrate's own BN reset is off here: it draws too)."""
+
+    def __init__(self, streams: Mapping[str, Iterator], first: str) -> None:
+        self.steps, self.stop_at = 0, 0
+        self.streams = {t: _PacedStream(self, t, it, t == first) for t, it in streams.items()}
+
+
+class _PacedStream:
+    def __init__(self, pacer: Pacer, task: str, it: Iterator, counts: bool) -> None:
+        self.pacer, self.task, self.it, self.counts = pacer, task, it, counts
+
+    def __iter__(self) -> "_PacedStream":
+        return self
+
+    def __next__(self) -> Any:
+        if self.counts:
+            if self.pacer.steps >= self.pacer.stop_at:
+                raise Pause
+            self.pacer.steps += 1
+        return next(self.it)
+
+
+def calibrate_with_evals(net: ZipperNet, teachers: Mapping[str, torch.nn.Module], streams: Mapping[str, Iterator],
+                         cfg: CalibrateConfig, every: int, evaluate, partial: Path) -> tuple[list, dict]:
+    """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps; returns
+    ([(step, {task: acc})...], curves). `cfg.checkpoint_every` must equal `every`."""
+    assert cfg.checkpoint_every == every and cfg.bn_reset_batches == 0
+    partial.unlink(missing_ok=True)
+    pacer = Pacer(streams, net.spec.task_names[0])
+    evals, curves = [], {}
+    stops = list(range(every, cfg.steps, every)) + [cfg.steps]
+    for stop in stops:
+        pacer.stop_at = stop
+        try:
+            curves = calibrate(net, teachers, pacer.streams, cfg, partial_path=partial)
+        except Pause:
+            if not partial.exists():  # the resume point must be the state in memory
+                raise RuntimeError(f"paused at step {stop} without a partial checkpoint at {partial}") from None
+        evals.append((stop, evaluate(net)))
+    return evals, curves
+
+
+# ------------------------------------------------------------------------------------ sweep
+def mean(d: Mapping[str, float]) -> float:
+    return sum(d.values()) / len(d)
+
+
+def steps_to_close(evals: list, teacher_acc: Mapping[str, float], within_pp: float = WITHIN_PP) -> int | None:
+    """First evaluated step at which every task is within `within_pp` points of its teacher."""
+    for step, acc in evals:
+        if all(100 * (teacher_acc[t] - a) <= within_pp for t, a in acc.items()):
+            return step
+    return None
+
+
+def run_one(params: Params, layout: Layout, teachers, val, depth: int, init: str, align_data: list,
+            cfg: CalibrateConfig, every: int, bn_batches: int, work: Path, teacher_acc) -> dict[str, Any]:
+    tasks = params.tasks
+    t0 = time.perf_counter()
+    net = zip_models(teachers, depth, scope=params.zipper.scope, init=init,
+                     batches=align_data if init == "activations" else None)
+    t_merge = time.perf_counter() - t0
+    # Same seed for every init at this depth: identical calibration data order.
+    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
+    bn_stream = ((t, next(streams[t])[0]) for _ in range(bn_batches) for t in tasks)
+    reset_bn_stats(net, bn_stream, lambda tb: net.forward_tasks(tb[1], [tb[0]]), max_batches=10**9)
+    evaluate = lambda n: evaluate_zipper(n, val)  # noqa: E731
+    before = evaluate(net)
+    t1 = time.perf_counter()
+    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, every, evaluate,
+                                         work / f"depth_{depth}_{init}.partial.pt")
+    t_cal = time.perf_counter() - t1
+    evals = [(0, before)] + evals
+    row = {"depth": depth, "init": init, "targets": targets, "before": before, "after": evals[-1][1],
+           "evals": [{"step": s, "acc": a} for s, a in evals], "steps_to_within_1pp": steps_to_close(evals, teacher_acc),
+           **{f"steps_to_within_{pp:g}pp": steps_to_close(evals, teacher_acc, pp) for pp in LOOSE_PP},
+           "loss_first": curves["loss"][0] if curves.get("loss") else None,
+           "loss_last": curves["loss"][-1] if curves.get("loss") else None,
+           "merge_s": round(t_merge, 2), "calibrate_s": round(t_cal, 2)}
+    log.info("depth %2d %-11s before %s after %s  within 1pp at %s  (merge %.1fs, calib %.1fs)", depth, init,
+             fmt_acc(before), fmt_acc(row["after"]), row["steps_to_within_1pp"], t_merge, t_cal)
+    return row
+
+
+def fmt_acc(acc: Mapping[str, float]) -> str:
+    return "/".join(f"{100 * a:.1f}" for a in acc.values())
+
+
+# ---------------------------------------------------------------------------------- outputs
+def gaps(rows: list[dict], inits: list[str]) -> list[dict]:
+    """Per depth and aligned init: mean-over-tasks accuracy minus average's, in points."""
+    by = {(r["depth"], r["init"]): r for r in rows}
+    out = []
+    for depth in sorted({r["depth"] for r in rows}):
+        base = by.get((depth, "average"))
+        if base is None:
+            continue
+        for init in inits:
+            if init == "average" or (depth, init) not in by:
+                continue
+            r = by[(depth, init)]
+            out.append({"depth": depth, "init": init,
+                        "before_pp": 100 * (mean(r["before"]) - mean(base["before"])),
+                        "after_pp": 100 * (mean(r["after"]) - mean(base["after"])),
+                        "before_pp_task": {t: 100 * (r["before"][t] - base["before"][t]) for t in r["before"]},
+                        "after_pp_task": {t: 100 * (r["after"][t] - base["after"][t]) for t in r["after"]}})
+    return out
+
+
+def claim(gap_rows: list[dict]) -> dict[str, Any]:
+    """Issue 6: at every depth >= 2, aligned init beats average before calibration (strictly) and is
+    at least as accurate after the same budget (mean over tasks). Checked per aligned init."""
+    out = {}
+    for init in sorted({g["init"] for g in gap_rows}):
+        gs = [g for g in gap_rows if g["init"] == init and g["depth"] >= 2]
+        fails = [{"depth": g["depth"], "before_pp": round(g["before_pp"], 2), "after_pp": round(g["after_pp"], 2)}
+                 for g in gs if not (g["before_pp"] > 0 and g["after_pp"] >= 0)]
+        out[init] = {"holds": not fails and bool(gs), "failures": fails}
+    return out
+
+
+def write_markdown(path: Path, result: dict) -> None:
+    tasks, inits = result["tasks"], result["inits"]
+    ta = result["teacher_acc"]
+    rows = {(r["depth"], r["init"]): r for r in result["rows"]}
+    depths = sorted({r["depth"] for r in result["rows"]})
+    c = result["config"]
+    L = ["# Alignment vs plain average: merged accuracy per depth", "",
+         "Made by (from the repository root):", "", "```", result["command"], "```", "",
+         f"- {result['arch']}; data: {result['data']}; teachers trained by `run_teachers` under `{result['root']}`, "
+         f"val accuracy " + ", ".join(f"{t} {100 * ta[t]:.2f}%" for t in tasks) + ".",
+         f"- every depth starts from the teachers (`zip_models(teachers, k, init=...)`, scope `{c['scope']}`), "
+         "not from the chain;",
+         f"- BN running stats re-estimated for every init on {c['bn_reset_batches']} calibration batches per task "
+         "(`reset_bn_stats`, each task's images through its own path) -> **before**;",
+         f"- then `zipper.calibrate.calibrate`: {c['steps']} steps, batch {c['batch_size']} per task, {c['optimizer']} "
+         f"lr {c['lr']} ({c['schedule']}), distill weight {c['distill_weight']}, teacher targets from the "
+         f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps;",
+         f"- *steps to 1pp*: first evaluated step (0 = before calibration) at which every task is within "
+         f"{WITHIN_PP:g} point of its teacher; `>{c['steps']}` = not within budget; the next columns: the same with "
+         + " and ".join(f"{pp:g}" for pp in LOOSE_PP) + " points;",
+         f"- activation matching uses {c['align_batches']} calibration batches per task; same calibration data "
+         "order for every init at a depth.",
+         f"- wall time {result['wall_s'] / 60:.1f} min on {result['machine']}.",
+         "- one run per cell (one seed, one data order): the *before* numbers of the aligned inits move by several "
+         "points with the batches used for activation matching and BN re-estimation, so read small gaps as noise.", "",
+         "## Accuracy (%) per task: " + " / ".join(tasks), "",
+         f"Teachers: {fmt_acc(ta)}.", "",
+         "| depth | init | before | after | " + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
+         "|---:|---|---|---|" + "---:|" * (1 + len(LOOSE_PP))]
+    for d in depths:
+        for init in inits:
+            r = rows.get((d, init))
+            if r is None:
+                continue
+            ss = [steps_to_close([(e["step"], e["acc"]) for e in r["evals"]], ta, pp) for pp in (WITHIN_PP, *LOOSE_PP)]
+            L.append(f"| {d} | {init} | {fmt_acc(r['before'])} | {fmt_acc(r['after'])} | "
+                     + " | ".join(str(s) if s is not None else f">{c['steps']}" for s in ss) + " |")
+    L += ["", "## Gap: aligned minus average (points, mean over tasks; per task in brackets)", "",
+          "| depth | init | before | after |", "|---:|---|---:|---:|"]
+    for g in result["gaps"]:
+        bt = "/".join(f"{v:+.1f}" for v in g["before_pp_task"].values())
+        at = "/".join(f"{v:+.1f}" for v in g["after_pp_task"].values())
+        L.append(f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} ({bt}) | {g['after_pp']:+.2f} ({at}) |")
+    L += ["", "## Issue 6's claim", "",
+          "\"At every depth >= 2, aligned init beats `average` before calibration, and is at least as accurate "
+          "after the same calibration budget\" (mean over tasks, over the depths measured):", ""]
+    for init, v in result["claim"].items():
+        if v["holds"]:
+            L.append(f"- `{init}`: holds.")
+        else:
+            fails = ", ".join(f"depth {f['depth']} (before {f['before_pp']:+.2f}, after {f['after_pp']:+.2f})"
+                              for f in v["failures"])
+            L.append(f"- `{init}`: does NOT hold at {fails}.")
+    L += ["", "![accuracy per depth before and after calibration](alignment.png)", ""]
+    path.write_text("\n".join(L))
+
+
+def write_plot(path: Path, result: dict) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks, inits, c = result["tasks"], result["inits"], result["config"]
+    fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
+    depths = sorted({r["depth"] for r in result["rows"]})
+    shown = sorted({depths[len(depths) // 3], depths[(2 * len(depths)) // 3]})  # curves at two depths
+    styles = {"average": "C0", "weights": "C1", "activations": "C2"}
+    marks = ["o", "s", "^", "v"]
+    for init in inits:
+        rs = sorted((r for r in result["rows"] if r["init"] == init), key=lambda r: r["depth"])
+        ds = [r["depth"] for r in rs]
+        for ax, key in ((axes[0], "before"), (axes[1], "after")):
+            for j, t in enumerate(tasks):
+                ax.plot(ds, [100 * r[key][t] for r in rs], color=styles.get(init), marker=marks[j % 4],
+                        linestyle="-" if j == 0 else "--", label=f"{init} / {t}")
+        for r in rs:
+            if r["depth"] in shown:
+                axes[3].plot([e["step"] for e in r["evals"]], [100 * mean(e["acc"]) for e in r["evals"]],
+                             color=styles.get(init), marker=".", linestyle="-" if r["depth"] == shown[0] else "--",
+                             label=f"{init}, depth {r['depth']}")
+        for pp, ls in ((WITHIN_PP, "-"), (LOOSE_PP[-1], ":")):
+            steps = [steps_to_close([(e["step"], e["acc"]) for e in r["evals"]], result["teacher_acc"], pp) for r in rs]
+            axes[2].plot(ds, [s if s is not None else c["steps"] * 1.15 for s in steps], color=styles.get(init),
+                         marker="o", linestyle=ls, label=f"{init}, {pp:g} pt")
+    for j, t in enumerate(tasks):
+        for ax in axes[:2]:
+            ax.axhline(100 * result["teacher_acc"][t], color="grey", linestyle="-" if j == 0 else "--", linewidth=0.8)
+    axes[0].set_title("right after merge (BN stats re-estimated)")
+    axes[1].set_title(f"after {c['steps']} calibration steps")
+    axes[2].set_title(f"steps until every task within {WITHIN_PP:g} / {LOOSE_PP[-1]:g} pt of teacher")
+    axes[2].axhline(c["steps"] * 1.15, color="grey", linewidth=0.8)
+    axes[2].text(min(result["depths"]), c["steps"] * 1.17, "not reached", fontsize=8, color="grey")
+    axes[2].set_ylim(-5, c["steps"] * 1.3)
+    axes[3].axhline(100 * mean(result["teacher_acc"]), color="grey", linewidth=0.8)
+    axes[3].set_title("mean val accuracy during calibration")
+    axes[3].set_xlabel("calibration step")
+    axes[3].grid(alpha=0.3)
+    axes[3].legend(fontsize=7)
+    for ax in axes[:3]:
+        ax.set_xlabel("depth k (shared blocks)")
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("val accuracy (%)")
+    fig.suptitle(f"solid: {tasks[0]}, dashed: {', '.join(tasks[1:])}; grey: teachers", fontsize=9)
+    axes[2].set_ylabel("calibration steps")
+    axes[1].legend(fontsize=7, loc="lower left")
+    axes[2].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------------------------- main
+def parse_depths(text: str, num_blocks: int) -> list[int]:
+    if text == "all":
+        return list(range(1, num_blocks + 1))
+    depths = sorted({int(d) for d in text.split(",") if d.strip()})
+    bad = [d for d in depths if not 1 <= d <= num_blocks]
+    if bad:
+        raise SystemExit(f"--depths: {bad[0]} out of range 1..{num_blocks}")
+    return depths
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--params", default="params.yaml", help="params file (data, teachers, features, calibrate)")
+    ap.add_argument("--root", default="/tmp/zipper-compare", help="scratch root for shards, teachers, feature cache")
+    ap.add_argument("--depths", default="1,2,3,5,7,9,11,13", help="comma list or 'all'")
+    ap.add_argument("--inits", default=",".join(INITS))
+    ap.add_argument("--steps", type=int, default=150, help="calibration budget per depth and init")
+    ap.add_argument("--eval-every", type=int, default=25, help="evaluate val accuracy every N calibration steps")
+    ap.add_argument("--batch-size", type=int, default=None, help="calibration batch per task (default: params)")
+    ap.add_argument("--targets", choices=("online", "cache", "params"), default="online",
+                    help="teacher targets: computed online (augmented batches; features.enabled=false), from the "
+                         "feature cache (features.enabled=true), or as params.yaml says. On this 2-core box the "
+                         "cache is the slower one (decoding 13 fp16 taps per sample costs more than a teacher forward)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 on a busy 2-core box is far slower)")
+    ap.add_argument("--out", default="docs/alignment", help="output prefix: writes .json, .md, .png")
+    ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json, run nothing")
+    args = ap.parse_args(argv)
+    if args.render_only:
+        out = Path(args.out)
+        result = json.loads(out.with_suffix(".json").read_text())
+        write_markdown(out.with_suffix(".md"), result)
+        write_plot(out.with_suffix(".png"), result)
+        return
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    torch.set_num_threads(args.threads)
+    wall0 = time.perf_counter()
+
+    overrides = {"calibrate.steps": args.steps}
+    if args.batch_size:
+        overrides["calibrate.batch_size"] = args.batch_size
+    if args.targets != "params":
+        overrides["features.enabled"] = args.targets == "cache"
+    params = load_params(args.params, overrides)
+    inits = [i for i in args.inits.split(",") if i]
+    if any(i not in INITS for i in inits):
+        raise SystemExit(f"--inits: expected a subset of {INITS}")
+    if args.eval_every < 1 or args.steps < 1:
+        raise SystemExit("--steps and --eval-every must be >= 1")
+    layout = Layout(Path(args.root))
+    ensure_teachers(params, layout)
+    teachers = load_teachers(params, layout)
+    tasks = params.tasks
+    size = params.teachers.input_size
+    num_blocks = next(iter(teachers.values())).num_blocks
+    depths = parse_depths(args.depths, num_blocks)
+    # Materialised once: every evaluation reads the same tensors.
+    val = {t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size)) for t in tasks}
+    teacher_acc = {t: accuracy(teachers[t].eval(), val[t]) for t in tasks}
+    log.info("teachers: %s", {t: f"{100 * a:.2f}%" for t, a in teacher_acc.items()})
+    bn_batches = params.calibrate.bn_reset_batches or 10
+    # BN stats are re-estimated here (before the "before" measurement), so calibrate must not redo it.
+    cfg = dataclasses.replace(params.calibrate, checkpoint_every=args.eval_every, bn_reset_batches=0)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    result: dict[str, Any] = {
+        "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths,
+        "data": ", ".join(f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "
+                          f"{sum(len(y) for _, y in val[t])} val, {teachers[t].num_classes} classes)" for t in tasks),
+        "arch": f"{params.teachers.arch}-{params.teachers.width:g} at {size} px",
+        "teacher_acc": teacher_acc,
+        "config": {"scope": params.zipper.scope, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                   "optimizer": cfg.optimizer, "schedule": cfg.schedule, "distill_weight": cfg.distill_weight,
+                   "kd_weight": cfg.kd_weight, "grad_clip": cfg.grad_clip, "eval_every": args.eval_every,
+                   "bn_reset_batches": bn_batches, "align_batches": params.zipper.align_batches,
+                   "seed": cfg.seed, "threads": args.threads},
+        "machine": f"{torch.get_num_threads()} torch thread(s), CPU, torch {torch.__version__}",
+        "rows": [],
+    }
+    with tempfile.TemporaryDirectory(prefix="compare_inits_") as tmp:
+        for depth in depths:
+            # Activation matching reads calibration images of every task (as run_zip does).
+            align_streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
+            align_data = [next(align_streams[t])[0] for t in tasks for _ in range(params.zipper.align_batches)]
+            result["targets"] = "feature cache" if targets == "cache" else "teachers online (augmented)"
+            for init in inits:
+                result["rows"].append(run_one(params, layout, teachers, val, depth, init, align_data, cfg,
+                                              args.eval_every, bn_batches, Path(tmp), teacher_acc))
+            result["gaps"] = gaps(result["rows"], inits)
+            result["claim"] = claim(result["gaps"])
+            result["wall_s"] = time.perf_counter() - wall0
+            out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
+    result["wall_s"] = time.perf_counter() - wall0
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    write_markdown(out.with_suffix(".md"), result)
+    write_plot(out.with_suffix(".png"), result)
+    log.info("wrote %s.{json,md,png} in %.1f min", out, result["wall_s"] / 60)
+
+
+if __name__ == "__main__":
+    main()
