@@ -100,10 +100,14 @@ def test_second_repro_runs_nothing(project):
 
 
 def test_deleting_the_last_depth_reruns_only_it_and_what_follows(project):
+    lock = yaml.safe_load((project / "dvc.lock").read_text())
+    md5 = next(o["md5"] for o in lock["stages"]["zip@3"]["outs"] if o["path"] == "models/zip/depth_3.pt")
     (project / "models/zip/depth_3.pt").unlink()
-    out = _run(project, "dvc", "repro", "--no-run-cache")  # without it DVC restores the file from its run cache
-    ran = _ran(out)
-    assert {"zip@3", "evaluate@3"} <= ran <= {"zip@3", "evaluate@3", "report", "register"}, out
+    # Lose the cached copy too, else DVC just checks the file out of its cache again.
+    (project / ".dvc/cache/files/md5" / md5[:2] / md5[2:]).unlink()
+    ran = _ran(_run(project, "dvc", "repro"))
+    # evaluate@3 and what follows rerun only if the recomputed checkpoint differs from the lost one.
+    assert "zip@3" in ran and ran <= {"zip@3", "evaluate@3", "report", "register"}, ran
 
 
 def test_changing_calibrate_reruns_zip_and_evaluate_only(project):
