@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("--root", default=".", help="project root holding data/, models/, metrics/, reports/")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.steps=50")
+    common.add_argument("--threads", type=int, default=1,
+                        help="torch threads (default 1: small nets gain little from more, and busy machines thrash)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stage_help = {"data": "shard each task's source into WebDataset tars", "teachers": "train or import the teachers",
@@ -117,6 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     args = build_parser().parse_args(argv)
+    if getattr(args, "threads", None) and args.command != "bench":
+        import torch
+
+        torch.set_num_threads(args.threads)
     try:
         args.func(args)
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:

@@ -132,7 +132,8 @@ def calibration_streams(params: Params, layout: Layout, seed: int) -> tuple[dict
 
     size, bs = params.teachers.input_size, params.calibrate.batch_size
     cached = params.features.enabled and all(
-        cache_matches(layout.features(t), sha256_file(layout.teacher(t)), input_size=size) for t in params.tasks)
+        cache_matches(layout.features(t), sha256_file(layout.teacher(t)), shard_dir=layout.shards(t), input_size=size)
+        for t in params.tasks)
     if cached:
         return {t: cached_batches(layout.features(t), batch_size=bs, seed=seed, input_size=size) for t in params.tasks}, "cache"
     return {t: train_batches(layout.shards(t), input_size=size, batch_size=bs, augment=params.teachers.augment, seed=seed)
