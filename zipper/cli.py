@@ -10,16 +10,20 @@ from pathlib import Path
 import yaml
 
 
-def _params(args: argparse.Namespace):
-    from .config import load_params
-
+def _overrides(args: argparse.Namespace) -> dict:
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
         overrides[key] = yaml.safe_load(value)
-    return load_params(args.params, overrides)
+    return overrides
+
+
+def _params(args: argparse.Namespace):
+    from .config import load_params
+
+    return load_params(args.params, _overrides(args))
 
 
 def _layout(args: argparse.Namespace):
@@ -57,8 +61,7 @@ def _bench(args: argparse.Namespace) -> None:
 def _flow(args: argparse.Namespace) -> None:
     from flows import pipeline
 
-    overrides = dict(item.partition("=")[::2] for item in args.set or [])
-    overrides = {k: yaml.safe_load(v) for k, v in overrides.items()}
+    overrides = _overrides(args)
     if args.flow_command == "run":
         pipeline.run(args.params, args.root, overrides, runner=args.runner, dask_address=args.dask_address)
     else:
@@ -118,6 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every request otherwise
     args = build_parser().parse_args(argv)
     if getattr(args, "threads", None) and args.command != "bench":
         import torch

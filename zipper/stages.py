@@ -5,6 +5,7 @@ records in every checkpoint what made it (its params section hashes and its inpu
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 from dataclasses import dataclass
@@ -97,9 +98,12 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
 
 
 def _update_json(path: Path, entries: Mapping[str, Any]) -> None:
-    """Merge entries into a JSON object file (stages may run per task, in parallel under Prefect)."""
-    current = json.loads(path.read_text()) if path.exists() else {}
-    write_json(path, {**current, **entries})
+    """Merge entries into a JSON object file; locked, since per-task stages run in parallel under Prefect."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.parent / f".{path.name}.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        current = json.loads(path.read_text()) if path.exists() else {}
+        write_json(path, {**current, **entries})
 
 
 def load_teachers(params: Params, layout: Layout) -> dict[str, Any]:

@@ -1,0 +1,444 @@
+"""The zippering pipeline as a Prefect flow: the DVC stage graph, resumable, schedulable, distributable.
+
+Every task calls one function of `zipper.stages` (the same ones `dvc.yaml` runs through `zipper <stage>`);
+this module only wires them together and declares what each one reads and writes:
+
+- per-task work (shards, teachers, feature caches) runs in parallel, the zip chain in order (depth k
+  waits for depth k-1's checkpoint) and each depth's evaluation as soon as its checkpoint exists, so
+  evaluating depth k overlaps calibrating depth k+1;
+- a task's cache key is the sha256 of the files it reads, the params it uses and its code (the stage
+  function, the library files `dvc.yaml` lists as its deps, the task's own source), never the run id;
+  results persist under `<root>/.prefect-results`, so a second run does no training and a run killed
+  at depth k resumes at depth k (and mid-calibration, from the stage's own partial checkpoint);
+- a cached result is used only while the files that task wrote are still there and unchanged: a
+  deleted or edited checkpoint makes its task run again (and, through the hashes, what follows).
+"""
+from __future__ import annotations
+
+import ast
+import json
+import logging
+import os
+import threading
+from dataclasses import asdict, dataclass, is_dataclass
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+from prefect import flow, task
+from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
+                               update_progress_artifact)
+from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.filesystems import LocalFileSystem
+from prefect.futures import PrefectFuture, as_completed
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from zipper import stages
+from zipper.config import Params, load_params
+from zipper.io import sha256_file, sha256_json
+from zipper.stages import Layout
+
+log = logging.getLogger(__name__)
+
+FLOW_NAME = "zipper-pipeline"
+RESULTS_DIR = ".prefect-results"  # under the project root: the cache travels with the data it describes
+ZIPPER_SRC = Path(stages.__file__).resolve().parent
+RUNNERS = ("thread", "dask")
+
+
+# ------------------------------------------------------------------------- what each stage touches
+@dataclass(frozen=True)
+class StageIO:
+    """The files a stage reads and writes, the params it uses and its code: its cache identity."""
+
+    reads: tuple[Path, ...]
+    writes: tuple[Path, ...]  # files or folders the stage alone writes (hashed after it runs)
+    params: tuple[str, ...]  # dotted keys of Params ("*" = all of them, "tasks" = the task list)
+    code: tuple[str, ...]  # files or folders of the zipper package, as dvc.yaml lists them
+    entries: tuple[tuple[Path, str], ...] = ()  # keys the stage adds to a JSON file it shares with others
+
+
+def stage_io(stage: str, params: Params, layout: Layout, arg: str | int | None = None) -> StageIO:
+    """Mirror of dvc.yaml (plus the inputs it leaves implicit), for one task or depth of `stage`."""
+    tasks = params.tasks
+    shards = tuple(layout.shards(t) for t in tasks)
+    teachers = tuple(layout.teacher(t) for t in tasks)
+    depths = [0, *params.zipper.depths]
+    if stage == "data":
+        return StageIO(reads=(), writes=(layout.shards(arg),),
+                       params=(f"data.tasks.{arg}", "data.maxcount", "data.on_bad_sample"), code=("data",))
+    if stage == "teachers":
+        imported = params.teachers.checkpoints.get(arg)
+        return StageIO(reads=(layout.shards(arg), *((Path(imported),) if imported else ())),
+                       writes=(layout.teacher(arg),), params=("teachers", "tasks"),
+                       code=("teachers.py", "models"), entries=((layout.teacher_metrics, arg),))
+    if stage == "features":
+        return StageIO(reads=(layout.shards(arg), layout.teacher(arg)), writes=(layout.features(arg),),
+                       params=("features", "teachers.input_size"), code=("data/features.py",))
+    if stage == "zip":
+        written = (layout.zipped(arg), layout.curves(arg))
+        if arg == 0:
+            return StageIO(reads=teachers, writes=written, params=("zipper.scope", "tasks"), code=("merge",))
+        online = () if params.features.enabled else shards  # calibration reads shards when nothing is cached
+        return StageIO(reads=(layout.zipped(arg - 1), *teachers, *(layout.features(t) for t in tasks), *online),
+                       writes=written, code=("calibrate.py", "merge"),
+                       params=("zipper.scope", "zipper.init", "zipper.align_batches", "calibrate",
+                               "teachers.input_size", "teachers.augment", "features.enabled", "tasks"))
+    if stage == "evaluate":
+        return StageIO(reads=(layout.zipped(arg), layout.curves(arg), layout.teacher_metrics, *teachers, *shards),
+                       writes=(layout.metrics(arg),), code=("evaluate.py",),
+                       params=("evaluate", "teachers.input_size", "zipper.init", "tasks"))
+    if stage == "report":
+        return StageIO(reads=tuple(layout.metrics(d) for d in depths), code=("report.py",), params=("tasks",),
+                       writes=tuple(layout.reports / f for f in ("table.md", "depths.json", "accuracy.png",
+                                                                   "ratios.png")))
+    if stage == "register":
+        reports = tuple(layout.reports / f for f in ("table.md", "depths.json", "accuracy.png", "ratios.png"))
+        return StageIO(reads=(*reports, *(p for d in depths for p in (layout.zipped(d), layout.curves(d),
+                                                                         layout.metrics(d))),
+                              *(s / "manifest.json" for s in shards)),
+                       writes=(layout.reports / "mlflow.json",), params=("*",),
+                       code=("tracking.py", "mlflow_model.py"))
+    raise ValueError(f"unknown stage {stage!r}")
+
+
+def pick_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
+    """The values of dotted params keys (`calibrate`, `zipper.scope`, `data.tasks.shapes`)."""
+    out: dict[str, Any] = {}
+    for key in keys:
+        if key == "*":
+            out[key] = asdict(params)
+            continue
+        if key == "tasks":
+            out[key] = params.tasks
+            continue
+        node: Any = params
+        for part in key.split("."):
+            node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+        out[key] = asdict(node) if is_dataclass(node) else node
+    return out
+
+
+# ------------------------------------------------------------------------------------- hashing
+_sha_memo: dict[tuple, str] = {}
+
+
+def _sha(path: Path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime, inode): reads and writes repeat within a run."""
+    st = path.stat()
+    memo_key = (str(path), st.st_size, st.st_mtime_ns, st.st_ino)
+    digest = _sha_memo.get(memo_key)
+    if digest is None:
+        digest = _sha_memo[memo_key] = sha256_file(path)
+    return digest
+
+
+def _files(path: Path) -> list[Path]:
+    """A file, or every file under a folder (skipping dot files: temp names of atomic writes in flight)."""
+    if not path.is_dir():
+        return [path] if path.is_file() else []
+    return sorted(p for p in path.rglob("*") if p.is_file()
+                  and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts))
+
+
+def _rel(path: Path, root: Path) -> str:
+    try:
+        return str(Path(path).resolve().relative_to(Path(root).resolve()))
+    except ValueError:
+        return str(Path(path).resolve())
+
+
+def hash_paths(paths: Iterable[Path], root: Path) -> dict[str, str | None]:
+    """{path relative to root: sha256} for every file under `paths`; None for a missing file or empty folder."""
+    out: dict[str, str | None] = {}
+    for path in paths:
+        files = _files(Path(path))
+        if not files:
+            out[_rel(path, root)] = None
+        for f in files:
+            out[_rel(f, root)] = _sha(f)
+    return out
+
+
+_source_lock = threading.Lock()
+_source_memo: dict[tuple, dict[str, str]] = {}
+
+
+def _stage_source(stage: str) -> str:
+    """The source of `zipper.stages.run_<stage>` as the file on disk has it (immune to monkeypatching).
+
+    Parsed once per file version, under a lock: CPython 3.11's `ast.parse` is not safe in concurrent
+    threads ("AST constructor recursion depth mismatch"), and the thread runner computes keys in parallel.
+    """
+    path = Path(stages.__file__)
+    with _source_lock:
+        st = path.stat()
+        memo_key = (str(path), st.st_size, st.st_mtime_ns)
+        if memo_key not in _source_memo:
+            text = path.read_text()
+            _source_memo[memo_key] = {node.name: ast.get_source_segment(text, node) or ""
+                                      for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)}
+        functions = _source_memo[memo_key]
+    if f"run_{stage}" not in functions:
+        raise ValueError(f"{path}: no function run_{stage}")
+    return functions[f"run_{stage}"]
+
+
+def stage_key(stage: str, params: Params, layout: Layout, arg: str | int | None, task_source: str | None = None) -> str:
+    """The cache key of one stage run: what it reads, the params and code it uses, never the run id."""
+    io = stage_io(stage, params, layout, arg)
+    return sha256_json({
+        "stage": stage, "arg": arg, "params": pick_params(params, io.params),
+        "reads": hash_paths(io.reads, layout.root),
+        "code": hash_paths((ZIPPER_SRC / c for c in io.code), ZIPPER_SRC.parent),
+        "stage_fn": _stage_source(stage), "task_source": task_source})
+
+
+def output_state(stage: str, params: Params, layout: Layout, arg: str | int | None = None) -> dict[str, Any]:
+    """What a finished stage left behind: its files' hashes and its entries in shared JSON files."""
+    io = stage_io(stage, params, layout, arg)
+    entries = {}
+    for path, key in io.entries:
+        try:
+            entries[f"{_rel(path, layout.root)}:{key}"] = key in json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            entries[f"{_rel(path, layout.root)}:{key}"] = False
+    return {"files": hash_paths(io.writes, layout.root), "entries": entries}
+
+
+def outputs_complete(state: Mapping[str, Any]) -> bool:
+    return all(v is not None for v in state["files"].values()) and all(state["entries"].values())
+
+
+@dataclass
+class StageCache(CachePolicy):
+    """Cache key = `stage_key` (+ the task's source); a record whose outputs are gone or changed is dropped.
+
+    Prefect looks a key up before running the task; dropping the stale record there makes the task
+    run again and write a fresh record under the same key, exactly as if it had never been cached.
+    """
+
+    stage: str = ""
+
+    def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
+        params, layout = inputs["params"], inputs["layout"]
+        arg = inputs.get("name", inputs.get("depth"))
+        key = stage_key(self.stage, params, layout, arg, TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters))
+        store = getattr(task_ctx, "result_store", None)
+        if store is None or not store.exists(key):
+            return key
+        current = output_state(self.stage, params, layout, arg)
+        try:
+            recorded = store.read(key).result.get("outputs")
+        except Exception:  # unreadable record: treat as stale
+            recorded = None
+        if recorded == current and outputs_complete(current):
+            return key
+        log.info("%s %s: outputs missing or changed since it was cached; running it again", self.stage, arg)
+        storage = store.result_storage
+        if isinstance(storage, LocalFileSystem) and storage.basepath:
+            Path(storage.basepath).expanduser().joinpath(key).unlink(missing_ok=True)
+            return key
+        return sha256_json([key, current])  # storage we cannot delete from: a key of its own for this state
+
+
+# ----------------------------------------------------------------------------------------- tasks
+_NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
+
+
+def retry_on_io_error(task_, task_run, state) -> bool:
+    """Retry only what may heal by itself: OS-level I/O errors, not missing files, bad params or NaNs."""
+    exc = state.data if isinstance(state.data, BaseException) else state.result(raise_on_failure=False)
+    return isinstance(exc, OSError) and not isinstance(exc, _NOT_TRANSIENT)
+
+
+def _options(stage: str, run_name: str) -> dict[str, Any]:
+    return dict(name=f"zipper-{stage}", task_run_name=run_name, cache_policy=StageCache(stage=stage),
+                persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=[10, 60],
+                retry_condition_fn=retry_on_io_error, tags=["zipper", f"zipper-{stage}"])
+
+
+def _done(stage: str, params: Params, layout: Layout, arg: str | int | None = None, **extra: Any) -> dict[str, Any]:
+    return {"outputs": output_state(stage, params, layout, arg), **extra}
+
+
+@task(**_options("data", "data-{name}"))
+def data_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    stages.run_data(params, layout, tasks=[name])
+    return _done("data", params, layout, name)
+
+
+@task(**_options("teachers", "teacher-{name}"))
+def teachers_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    accs = stages.run_teachers(params, layout, tasks=[name])
+    return _done("teachers", params, layout, name, val_acc=accs[name])
+
+
+@task(**_options("features", "features-{name}"))
+def features_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    stages.run_features(params, layout, tasks=[name])
+    return _done("features", params, layout, name)
+
+
+@task(**_options("zip", "zip-depth-{depth}"))
+def zip_task(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
+    stages.run_zip(params, layout, depth)
+    return _done("zip", params, layout, depth)
+
+
+@task(**_options("evaluate", "evaluate-depth-{depth}"))
+def evaluate_task(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
+    row = stages.run_evaluate(params, layout, depth)
+    return _done("evaluate", params, layout, depth, row=row)
+
+
+@task(**_options("report", "report"))
+def report_task(params: Params, layout: Layout) -> dict[str, Any]:
+    markdown = stages.run_report(params, layout)
+    return _done("report", params, layout, markdown=markdown)
+
+
+@task(**_options("register", "register"))
+def register_task(params: Params, layout: Layout) -> dict[str, Any]:
+    summary = stages.run_register(params, layout)
+    return _done("register", params, layout, summary=summary)
+
+
+# ------------------------------------------------------------------------------------ artifacts
+def table_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
+    """One flat row per depth for the table artifact."""
+    out = []
+    for r in rows:
+        flat = {"depth": r["depth"], "scope": r["scope"], "init": r["init"], "targets": r["targets"]}
+        flat.update({f"acc_{t}": round(100 * a, 2) for t, a in r["acc"].items()})
+        flat.update({f"drop_pp_{t}": round(d, 2) for t, d in r["drop_pp"].items()})
+        for k in ("comp_params", "comp_conv", "macs_ratio", "speedup", "memory_comp", "final_loss"):
+            flat[k] = None if r.get(k) is None else round(float(r[k]), 4)
+        out.append(flat)
+    return out
+
+
+def _progress_text(done: Mapping[str, list[int]], total: int) -> str:
+    return (f"zipper: {sum(map(len, done.values()))}/{total} depth steps; "
+            f"calibrated depths {sorted(done['zip']) or '-'}, evaluated depths {sorted(done['evaluate']) or '-'}")
+
+
+# ----------------------------------------------------------------------------------------- flow
+def make_task_runner(runner: str = "thread", dask_address: str | None = None, *, n_workers: int | None = None,
+                     processes: bool = True):
+    """`thread`: a thread pool in this process. `dask`: an existing scheduler at `dask_address`, or a
+    LocalCluster of `n_workers` single-threaded worker processes (torch parallelises inside each)."""
+    if runner not in RUNNERS:
+        raise ValueError(f"runner: expected one of {RUNNERS}, got {runner!r}")
+    if runner == "thread":
+        if dask_address:
+            raise ValueError("a Dask scheduler address needs runner 'dask'")
+        return ThreadPoolTaskRunner()
+    from prefect_dask import DaskTaskRunner
+
+    if dask_address:
+        return DaskTaskRunner(address=dask_address)
+    n = n_workers or max(1, min(4, os.cpu_count() or 1))
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
+                          cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": processes})
+
+
+def _default_task_runner():
+    """Deployments pick their runner from the environment (prefect.yaml job_variables)."""
+    return make_task_runner(os.environ.get("ZIPPER_TASK_RUNNER", "thread"),
+                            os.environ.get("ZIPPER_DASK_ADDRESS") or None)
+
+
+@flow(name=FLOW_NAME, task_runner=_default_task_runner(), validate_parameters=True,
+      description="Zipper two or more same-architecture CNNs into one multi-task network, depth by depth.")
+def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
+                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """data -> teachers -> features per task (parallel); zip 0..L in order; evaluate each depth as soon
+    as it exists; report; register. `overrides`: dotted params keys, as `zipper <stage> --set`."""
+    params = load_params(params_path, overrides or {})
+    layout = Layout(Path(root).resolve())
+    storage = layout.root / RESULTS_DIR  # a Path: Prefect makes it a LocalFileSystem, no saved block needed
+    data_t, teachers_t, features_t, zip_t, evaluate_t, report_t, register_t = (
+        t.with_options(result_storage=storage)
+        for t in (data_task, teachers_task, features_task, zip_task, evaluate_task, report_task, register_task))
+    depths = [0, *params.zipper.depths]
+
+    progress = create_progress_artifact(0.0, key="zipper-progress",
+                                        description=f"zipper: calibrate and evaluate depths {depths}")
+    data = {n: data_t.submit(params, layout, n) for n in params.tasks}
+    teachers = {n: teachers_t.submit(params, layout, n, wait_for=[data[n]]) for n in params.tasks}
+    features = {n: features_t.submit(params, layout, n, wait_for=[teachers[n]]) for n in params.tasks}
+    zips: dict[int, PrefectFuture] = {}
+    evals: dict[int, PrefectFuture] = {}
+    for d in depths:
+        after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
+        zips[d] = zip_t.submit(params, layout, d, wait_for=after)
+        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values()])
+    report = report_t.submit(params, layout, wait_for=list(evals.values()))
+    register = register_t.submit(params, layout, wait_for=[report, *zips.values()])
+
+    # Progress over depths, as the chain and the evaluations finish (in whatever order they do).
+    which = {**{f.task_run_id: ("zip", d) for d, f in zips.items()},
+             **{f.task_run_id: ("evaluate", d) for d, f in evals.items()}}
+    done: dict[str, list[int]] = {"zip": [], "evaluate": []}
+    for fut in as_completed([*zips.values(), *evals.values()]):
+        fut.wait()  # sets the future's final state from the task run itself, not from the API's (lagging) copy
+        if fut.state.is_completed():
+            stage, d = which[fut.task_run_id]
+            done[stage].append(d)
+        update_progress_artifact(progress, 100.0 * sum(map(len, done.values())) / (2 * len(depths)),
+                                 description=_progress_text(done, 2 * len(depths)))
+    ordered = [*data.values(), *teachers.values(), *features.values(), *(zips[d] for d in depths),
+               *(evals[d] for d in depths), report, register]
+    for fut in ordered:
+        fut.wait()
+
+    rows = [evals[d].result()["row"] for d in depths if evals[d].state.is_completed()]
+    if rows:
+        create_table_artifact(table_rows(rows), key="zipper-depths",
+                              description=f"zipper: per-depth results ({len(rows)}/{len(depths)} depths)")
+    failed = next((f for f in ordered if f.state.is_failed() or f.state.is_crashed()), None)
+    if failed is not None:
+        failed.result()  # raises the stage's own exception: the flow run fails with it
+    unfinished = [f for f in ordered if not f.state.is_completed()]
+    if unfinished:
+        raise RuntimeError(f"zipper: {len(unfinished)} task(s) did not finish: {[f.state.name for f in unfinished]}")
+
+    markdown = report.result()["markdown"]
+    summary = register.result()["summary"]
+    create_markdown_artifact(
+        f"# zipper report\n\n{markdown}\n\nMLflow: `{summary.get('tracking_uri')}`, registered model "
+        f"`{summary.get('registered_model')}`, parent run `{summary.get('parent_run_id')}`\n",
+        key="zipper-report", description="zipper: per-depth accuracy, size and speed (reports/table.md)")
+    return {"root": str(layout.root), "depths": rows, "register": summary}
+
+
+# ------------------------------------------------------------------------------- command line
+def _flow_parameters(params_path: str | os.PathLike, root: str | os.PathLike,
+                     overrides: Mapping[str, Any] | None) -> dict[str, Any]:
+    return {"params_path": str(Path(params_path).resolve()), "root": str(Path(root).resolve()),
+            "overrides": dict(overrides or {})}
+
+
+def run(params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None,
+        runner: str = "thread", dask_address: str | None = None) -> dict[str, Any]:
+    """`zipper flow run`: the flow, now, on the thread pool or on Dask (LocalCluster or `dask_address`)."""
+    pipeline = zipper_pipeline.with_options(task_runner=make_task_runner(runner, dask_address))
+    return pipeline(**_flow_parameters(params_path, root, overrides))
+
+
+def deployment_options(params_path: str | os.PathLike, root: str | os.PathLike,
+                       overrides: Mapping[str, Any] | None, cron: str, name: str) -> dict[str, Any]:
+    """What `serve` gives `Flow.serve` (and a test `Flow.to_deployment`): name, schedule, parameters."""
+    from prefect.deployments.runner import EntrypointType
+
+    # By module path: the served runs import flows.pipeline from the installed package, wherever
+    # `zipper flow serve` was started (a file path would be relative to that directory).
+    return {"name": name, "cron": cron, "parameters": _flow_parameters(params_path, root, overrides),
+            "tags": ["zipper"], "description": f"zipper pipeline on {Path(root).resolve()}, cron {cron!r}",
+            "entrypoint_type": EntrypointType.MODULE_PATH}
+
+
+def serve(params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None,
+          cron: str, name: str = "zipper-scheduled") -> None:
+    """`zipper flow serve`: register a deployment with this schedule and parameters, run its runs here."""
+    zipper_pipeline.serve(**deployment_options(params_path, root, overrides, cron, name))

@@ -1,0 +1,307 @@
+"""The Prefect front end: the real flow on a real (temporary) Prefect server, thread pool and Dask.
+
+One temporary project carries the thread-runner tests, with as few full runs as possible: a run that
+fails at depth 2 (fault injected in-process), the run that resumes it, then a no-op run and a run after
+deleting a checkpoint. A second, smaller project (one depth, few steps) runs on a Dask LocalCluster.
+Wall time on 2 cores: about 3 minutes, most of it the one full pipeline and the Dask cluster.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from flows import pipeline
+from zipper import stages
+from zipper.config import load_params
+from zipper.stages import Layout
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
+STAGES = ("data", "teachers", "features", "zip", "evaluate", "report", "register")
+# The Dask check: one depth, few steps, no memory probes (each probe is a child process importing torch).
+_TINY_CHAIN = yaml.safe_load(TINY.read_text())["zipper"]["chain"]
+SMALL = {"zipper.chain": dict(list(_TINY_CHAIN.items())[:1]) if isinstance(_TINY_CHAIN, dict) else _TINY_CHAIN[:1],
+         "calibrate.steps": 5, "teachers.steps": 10, "evaluate.latency_repeats": 2, "evaluate.memory": False}
+
+
+# -------------------------------------------------------------------------------------- helpers
+def _chain(chain) -> list[tuple[int, int]]:
+    """zipper.chain as (depth, previous depth) pairs: a {depth: prev} mapping or a list of {depth, prev}."""
+    if isinstance(chain, dict):
+        return [(int(d), int(p)) for d, p in chain.items()]
+    return [(int(item["depth"]), int(item["prev"])) for item in chain]
+
+
+def _foreach(stage: dict, chain) -> list[tuple[dict, object, callable]]:
+    """(body, depth or None, substitute) per expanded dvc.yaml stage: foreach over the chain, dict or list."""
+    if "foreach" not in stage:
+        return [(stage, None, lambda s: s)]
+    out = []
+    for depth, prev in _chain(chain):
+        def sub(s: str, d=depth, p=prev) -> str:
+            for pattern, value in (("${key}", d), ("${item.depth}", d), ("${item.prev}", p), ("${item}", p)):
+                s = s.replace(pattern, str(value))
+            return s
+        out.append((stage["do"], depth, sub))
+    return out
+
+
+def dvc_outputs(dvc_yaml: Path, params_file: Path) -> set[str]:
+    """Every path dvc.yaml declares as an out, metric or plot, foreach expanded over zipper.chain."""
+    spec = yaml.safe_load(dvc_yaml.read_text())
+    chain = yaml.safe_load(params_file.read_text())["zipper"]["chain"]
+    paths = set()
+    for stage in spec["stages"].values():
+        for body, _, sub in _foreach(stage, chain):
+            for key in ("outs", "metrics", "plots"):
+                for entry in body.get(key, []):
+                    paths.add(sub(next(iter(entry)) if isinstance(entry, dict) else entry))
+    return paths
+
+
+def _count_calls(mp: pytest.MonkeyPatch) -> dict[str, list]:
+    """Wrap every stage function (the flow's tasks look them up at call time) to record its calls."""
+    seen: dict[str, list] = collections.defaultdict(list)
+    for name in STAGES:
+        real = getattr(stages, f"run_{name}")
+
+        def counted(params, layout, *args, _real=real, _name=name, **kwargs):
+            arg = kwargs.get("tasks", kwargs.get("depth", args[0] if args else None))
+            seen[_name].append(tuple(arg) if isinstance(arg, list) else arg)
+            return _real(params, layout, *args, **kwargs)
+
+        mp.setattr(stages, f"run_{name}", counted)
+    return seen
+
+
+def _fail_once_at(mp: pytest.MonkeyPatch, depth: int) -> None:
+    inner, failed = stages.run_zip, []
+
+    def run_zip(params, layout, d):
+        if d == depth and not failed:
+            failed.append(d)
+            raise RuntimeError(f"injected fault at depth {d}")
+        return inner(params, layout, d)
+
+    mp.setattr(stages, "run_zip", run_zip)
+
+
+def _run(root: Path, overrides: dict | None = None, **kwargs) -> tuple[dict, dict[str, list]]:
+    with pytest.MonkeyPatch.context() as mp:
+        calls = _count_calls(mp)
+        result = pipeline.run(root / "params.yaml", root, overrides or {}, **kwargs)
+    return result, dict(calls)
+
+
+# ------------------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def prefect_server(tmp_path_factory):
+    """A temporary Prefect server and PREFECT_HOME for this module (real API, sqlite in a temp dir)."""
+    from prefect.settings import (PREFECT_HOME, PREFECT_SERVER_ANALYTICS_ENABLED,
+                                  PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS, temporary_settings)
+    from prefect.testing.utilities import prefect_test_harness
+
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:  # for child processes: the server, Dask workers
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
+        mp.setenv("MPLBACKEND", "Agg")
+        with temporary_settings(updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                                         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}):
+            with prefect_test_harness(server_startup_timeout=90):
+                yield
+
+
+@pytest.fixture(scope="module")
+def resumed(prefect_server, tmp_path_factory):
+    """The tiny pipeline run twice on one project: failing at depth 2, then resuming."""
+    root = tmp_path_factory.mktemp("flow-project")
+    shutil.copy(TINY, root / "params.yaml")
+    layout = Layout(root)
+    with pytest.MonkeyPatch.context() as mp:
+        first = _count_calls(mp)
+        _fail_once_at(mp, 2)
+        with pytest.raises(RuntimeError, match="injected fault at depth 2") as failure:
+            pipeline.run(root / "params.yaml", root, {})
+    after_failure = {p: p.stat().st_mtime_ns for p in [layout.zipped(0), layout.zipped(1), layout.metrics(1),
+                                                          layout.shards("shapes") / "manifest.json",
+                                                          layout.teacher("shapes"), layout.teacher("textures")]}
+    zipped_after_failure = {d: layout.zipped(d).exists() for d in range(4)}
+    result, second = _run(root)
+    return {"root": root, "layout": layout, "failure": failure.value, "first": dict(first), "second": second,
+            "result": result, "mtimes": after_failure, "zipped_after_failure": zipped_after_failure}
+
+
+# ------------------------------------------------------------------ thread runner, one project
+@pytest.mark.slow
+def test_failure_at_depth_2_then_resume_skips_what_was_done(resumed):
+    first, second = resumed["first"], resumed["second"]
+    # The failing run did everything up to depth 2 (and still evaluated depth 1, overlapping depth 2).
+    assert sorted(first["data"]) == sorted(first["teachers"]) == [("shapes",), ("textures",)]
+    assert first["zip"] == [0, 1] and sorted(first["evaluate"]) == [0, 1]  # the fault fires before zip 2 runs
+    assert "report" not in first and "register" not in first
+    assert resumed["zipped_after_failure"] == {0: True, 1: True, 2: False, 3: False}
+    # The second run resumed at depth 2: nothing before it ran again, nothing it left was rewritten.
+    assert second["zip"] == [2, 3], second
+    assert sorted(second["evaluate"]) == [2, 3], second
+    assert not {"data", "teachers", "features"} & set(second), second
+    assert second["report"] == [None] and second["register"] == [None]
+    assert {p: p.stat().st_mtime_ns for p in resumed["mtimes"]} == resumed["mtimes"]
+
+
+@pytest.mark.slow
+def test_flow_writes_what_dvc_writes(resumed):
+    root, layout = resumed["root"], resumed["layout"]
+    params = load_params(root / "params.yaml")
+    expected = dvc_outputs(REPO / "dvc.yaml", root / "params.yaml")
+    missing = sorted(p for p in expected
+                     if not (root / p).exists() or (root / p).is_dir() and not any((root / p).iterdir()))
+    assert not missing, f"declared by dvc.yaml but not written by the flow: {missing}"
+    for task in params.tasks:
+        assert (layout.shards(task) / "manifest.json").is_file() and layout.teacher(task).is_file()
+        assert any(layout.features(task).iterdir())
+    for depth in [0, *params.zipper.depths]:
+        assert layout.zipped(depth).is_file() and layout.curves(depth).is_file()
+        assert not layout.partial(depth).exists()
+        metrics = json.loads(layout.metrics(depth).read_text())
+        assert metrics["depth"] == depth and set(metrics["acc"]) == set(params.tasks)
+    assert set(json.loads(layout.teacher_metrics.read_text())) == set(params.tasks)
+    assert "| 3 |" in (layout.reports / "table.md").read_text()
+    summary = json.loads((layout.reports / "mlflow.json").read_text())
+    assert summary["tracking_uri"] == f"sqlite:///{root.resolve() / 'mlflow.db'}"
+    assert summary == resumed["result"]["register"]
+    assert [row["depth"] for row in resumed["result"]["depths"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_run_publishes_progress_table_and_report_artifacts(resumed):
+    from prefect.artifacts import Artifact
+
+    progress = Artifact.get("zipper-progress")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    table = Artifact.get("zipper-depths")
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert [r["depth"] for r in rows] == [0, 1, 2, 3] and {"acc_shapes", "speedup", "comp_conv"} <= set(rows[0])
+    report = Artifact.get("zipper-report")
+    assert report.type == "markdown" and "| 3 |" in report.data
+
+
+@pytest.mark.slow
+def test_finished_flow_run_again_does_nothing(resumed):
+    result, calls = _run(resumed["root"])
+    assert calls == {}, calls
+    assert result["register"] == resumed["result"]["register"]
+
+
+@pytest.mark.slow
+def test_deleted_checkpoint_reruns_only_its_depth(resumed):
+    layout = resumed["layout"]
+    layout.zipped(3).unlink()
+    _, calls = _run(resumed["root"])
+    assert calls.get("zip") == [3], calls
+    assert not {"data", "teachers", "features"} & set(calls), calls
+    assert layout.zipped(3).is_file()
+
+
+# ------------------------------------------------------------------------------------------ Dask
+@pytest.mark.slow
+def test_dask_local_cluster_runs_the_flow(prefect_server, tmp_path):
+    """prefect-dask on a LocalCluster of worker processes, as `zipper flow run --runner dask` makes it
+    (processes=True: about 35 s slower here than processes=False, but it is what pickles tasks, params
+    and results across processes). One depth, few steps."""
+    shutil.copy(TINY, tmp_path / "params.yaml")
+    result = pipeline.run(tmp_path / "params.yaml", tmp_path, SMALL, runner="dask")
+    layout = Layout(tmp_path)
+    assert [row["depth"] for row in result["depths"]] == [0, 1]
+    assert all(layout.zipped(d).is_file() and layout.metrics(d).is_file() for d in (0, 1))
+    assert (layout.reports / "mlflow.json").is_file()
+    # Keys computed in the worker processes are the keys computed here: switching runners reruns nothing.
+    _, calls = _run(tmp_path, SMALL)
+    assert calls == {}, calls
+
+
+# ------------------------------------------------------------------------- no server needed
+def test_stage_io_covers_dvc_yaml():
+    """The flow's cache identity of each stage covers what dvc.yaml declares (paths, params, code)."""
+    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
+    params = load_params(TINY)
+    layout = Layout(Path("/project"))
+    rel = lambda p: str(Path(p).relative_to(layout.root))  # noqa: E731
+    for name, stage in spec["stages"].items():
+        flow_stage = name.rstrip("0")
+        for body, depth, sub in _foreach(stage, params.zipper.chain):
+            args = [depth] if depth is not None else ([0] if name.endswith("0") else [None])
+            if flow_stage in ("data", "teachers", "features"):
+                args = params.tasks
+            ios = [pipeline.stage_io(flow_stage, params, layout, a) for a in args]
+            reads = {rel(p) for io in ios for p in io.reads}
+            writes = {rel(p) for io in ios for p in io.writes} | {rel(p) for io in ios for p, _ in io.entries}
+            code = {f"zipper/{c}" for io in ios for c in io.code}
+            keys = {k for io in ios for k in io.params}
+            for dep in map(sub, body.get("deps", [])):
+                if dep.startswith("zipper/"):
+                    assert dep in code, (name, dep, code)
+                else:  # a declared folder counts as covered when the flow reads files in it
+                    assert any(r == dep or r.startswith(dep + "/") or dep.startswith(r + "/") for r in reads), (name, dep)
+            for key in body.get("params", []):
+                assert "*" in keys or any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
+                                          for k in keys), (name, key, keys)
+            for out in body.get("outs", []) + body.get("metrics", []):
+                out = sub(next(iter(out)) if isinstance(out, dict) else out)
+                assert any(out == w or out.startswith(w + "/") or w.startswith(out + "/") for w in writes), (name, out)
+
+
+def test_cache_key_follows_inputs_params_and_code_not_the_run(tmp_path):
+    params = load_params(TINY)
+    layout = Layout(tmp_path)
+    (layout.shards("shapes")).mkdir(parents=True)
+    (layout.shards("shapes") / "manifest.json").write_text("{}")
+    layout.teacher("shapes").parent.mkdir(parents=True)
+    layout.teacher("shapes").write_bytes(b"weights")
+    key = pipeline.stage_key("features", params, layout, "shapes")
+    assert pipeline.stage_key("features", params, layout, "shapes") == key
+    assert pipeline.stage_key("features", params, layout, "textures") != key
+    layout.teacher("shapes").write_bytes(b"other weights")
+    changed = pipeline.stage_key("features", params, layout, "shapes")
+    assert changed != key
+    assert pipeline.stage_key("features", load_params(TINY, {"features.batch_size": 7}), layout, "shapes") != changed
+    assert pipeline.stage_key("features", load_params(TINY, {"calibrate.lr": 0.5}), layout, "shapes") == changed
+    state = pipeline.output_state("teachers", params, layout, "shapes")
+    assert not pipeline.outputs_complete(state)  # teachers.json has no entry for it yet
+
+
+def test_retries_only_on_io_errors():
+    from prefect.states import Failed
+
+    def retry(exc):
+        return pipeline.retry_on_io_error(None, None, Failed(data=exc))
+
+    assert retry(OSError(5, "Input/output error")) and retry(TimeoutError()) and retry(ConnectionResetError())
+    assert not retry(FileNotFoundError("models/zip/depth_1.pt"))
+    assert not retry(RuntimeError("boom")) and not retry(FloatingPointError("nan")) and not retry(ValueError("x"))
+
+
+def test_serve_options_and_prefect_yaml():
+    from prefect.flows import load_flow_from_entrypoint
+
+    deployment = pipeline.zipper_pipeline.to_deployment(
+        **pipeline.deployment_options("params.yaml", ".", {"calibrate.steps": 5}, "0 3 * * *", "nightly"))
+    assert deployment.name == "nightly" and deployment.schedules[0].schedule.cron == "0 3 * * *"
+    assert deployment.entrypoint == "flows.pipeline.zipper_pipeline"  # importable wherever serve runs
+    assert deployment.parameters == {"params_path": str(Path("params.yaml").resolve()),
+                                     "root": str(Path(".").resolve()), "overrides": {"calibrate.steps": 5}}
+    config = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    assert config["deployments"]
+    for dep in config["deployments"]:
+        entry = dep["entrypoint"]
+        flow = load_flow_from_entrypoint(str(REPO / entry.split(":")[0]) + ":" + entry.split(":")[1])
+        assert flow.name == pipeline.FLOW_NAME
+        assert set(dep["parameters"]) == {"params_path", "root", "overrides"}
+        env = dep["work_pool"]["job_variables"]["env"]
+        assert dep["work_pool"]["name"] and env["ZIPPER_TASK_RUNNER"] in pipeline.RUNNERS
