@@ -3,22 +3,11 @@ from __future__ import annotations
 
 import json
 
-import pytest
-import torch
 
 from zipper import bench
 
 REQUIRED = {"depth", "scope", "comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp",
             "paper_comp", "paper_speedup", "paper_memory"}
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core box two OpenMP threads make tiny forwards ~100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
 
 
 def test_table1_runs_end_to_end_and_writes_json(tmp_path, capsys):

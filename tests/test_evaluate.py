@@ -14,15 +14,6 @@ from .conftest import TINY, blob_task
 PAPER_TASKS = (("imagenet", 1000), ("deepfashion", 50))
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: on a busy 2-core box two OpenMP threads make tiny forwards ~100x slower."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _meta_zipper(depth: int, scope: str, tasks=PAPER_TASKS, **kw) -> ZipperNet:
     """A full-size ZipperNet with meta tensors: counting needs shapes, not values."""
     with torch.device("meta"):

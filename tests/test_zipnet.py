@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import zipper
-from zipper.merge import ZipperNet, deepen
+from zipper.merge import deepen
 from zipper.models import ARCHS
 
 from .conftest import TINY

@@ -18,7 +18,6 @@ sha256, input size, tap names / shapes and total bytes; `cache_matches` compares
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 from pathlib import Path
@@ -31,8 +30,8 @@ from tqdm.auto import tqdm
 
 from ..io import sha256_file, write_json
 from ..models import Backbone
-from .shards import (MANIFEST, SHUFFLE_BUFFER, Prepare, ShardSink, _check_file, atomic_dir, iter_samples, normalise, read_manifest,
-                     resampled_pipeline, split_info)
+from .shards import (MANIFEST, SHUFFLE_BUFFER, Prepare, ShardSink, _check_file, atomic_dir, iter_samples, load_manifest,
+                     normalise, read_manifest, resampled_pipeline, split_info)
 
 log = logging.getLogger(__name__)
 
@@ -137,17 +136,8 @@ def read_cache_manifest(cache_dir: str | os.PathLike, *, verify: bool = False) -
     (and sha256 when `verify`). Errors name the file."""
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: feature cache manifest not found") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} manifest")
-    for key in ("teacher_sha256", "input_size", "taps", "tap_shapes", "tap_offsets", "shards", "count"):
-        if key not in m:
-            raise ValueError(f"{path}: missing key {key!r}")
+    m = load_manifest(path, FORMAT, ("teacher_sha256", "input_size", "taps", "tap_shapes", "tap_offsets", "shards",
+                                     "count"), missing="feature cache manifest not found")
     if not m["shards"]:
         raise ValueError(f"{path}: no shards")
     for shard in m["shards"]:

@@ -207,22 +207,28 @@ def _jsonable(obj: Any) -> Any:
 
 # --- reading -------------------------------------------------------------------------------------
 
+def load_manifest(path: Path, fmt: str, keys: tuple[str, ...], *, missing: str) -> dict[str, Any]:
+    """Read a manifest JSON of format `fmt` holding `keys`; every error names the file."""
+    try:
+        m = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ValueError(f"{path}: {missing}") from None
+    except ValueError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != fmt:
+        raise ValueError(f"{path}: not a {fmt} manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
+    for key in keys:
+        if key not in m:
+            raise ValueError(f"{path}: missing key {key!r}")
+    return m
+
+
 def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> dict[str, Any]:
     """Load and validate `shard_dir/manifest.json`; every shard must exist (and match its sha256
     when `verify`). Errors name the file at fault."""
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
-    try:
-        m = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ValueError(f"{path}: manifest not found (write the shards first)") from None
-    except ValueError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
-    if not isinstance(m, dict) or m.get("format") != FORMAT:
-        raise ValueError(f"{path}: not a {FORMAT} manifest (format {m.get('format') if isinstance(m, dict) else None!r})")
-    for key in ("task", "classes", "splits"):
-        if key not in m:
-            raise ValueError(f"{path}: missing key {key!r}")
+    m = load_manifest(path, FORMAT, ("task", "classes", "splits"), missing="manifest not found (write the shards first)")
     for split, info in m["splits"].items():
         for key in ("count", "counts", "shards", "classes"):
             if key not in info:

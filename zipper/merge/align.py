@@ -39,7 +39,6 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
-import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import nn
