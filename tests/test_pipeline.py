@@ -63,7 +63,7 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     assert "| 3 |" in (project / "reports/table.md").read_text()
     assert (project / "reports/accuracy.png").stat().st_size > 1000
     summary = json.loads((project / "reports/mlflow.json").read_text())
-    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"])
+    client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"], registry_uri=summary["tracking_uri"])
     assert summary["tracking_uri"] == f"sqlite:///{project.resolve() / 'mlflow.db'}"
     parent = client.get_run(summary["parent_run_id"])
     children = client.search_runs([parent.info.experiment_id],
@@ -85,6 +85,7 @@ def test_promote_and_load_the_champion_with_pyfunc(project):
     assert bad.returncode == 2 and "no depth meets --max-drop -1000" in bad.stderr
     summary = json.loads((project / "reports/mlflow.json").read_text())
     mlflow.set_tracking_uri(summary["tracking_uri"])
+    mlflow.set_registry_uri(summary["tracking_uri"])  # other tests in this process may have set another
     model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     pred = model.predict(images)
