@@ -51,7 +51,7 @@ def plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], out_dir: Path) ->
         ax.axhline(100 * rows[0]["teacher_acc"][t], ls=":", color=line.get_color(), label=f"{t} (teacher)")
     ax.set(xlabel="shared blocks (depth)", ylabel="top-1 accuracy (%)", title="Accuracy and speedup over zipper depth")
     right = ax.twinx()
-    right.plot(depths, [r["speedup"] for r in flat], color="tab:orange", ls="--", marker="s", label="speedup")
+    right.plot(depths, [r["speedup"] for r in flat], color="black", ls="--", marker="s", label="speedup")
     right.set_ylabel("speedup (x)")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
     ax.legend(handles=handles, loc="lower left", fontsize=8)
