@@ -42,11 +42,13 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     import mlflow
     from mlflow.entities import Metric
 
+    from .data import read_manifest
+
     root = Path(layout.root).resolve()
     client = _client(params.tracking, root)
     mlflow.set_experiment(params.tracking.experiment)
     name = params.tracking.registered_model
-    classes = {t: json.loads((layout.shards(t) / "manifest.json").read_text())["classes"] for t in params.tasks}
+    classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
     summary: dict[str, Any] = {"tracking_uri": params.tracking.tracking_uri(root), "registered_model": name, "depths": {}}
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"zipper {'+'.join(params.tasks)}") as parent:
         summary["parent_run_id"] = parent.info.run_id

@@ -166,10 +166,6 @@ def load(path: str | os.PathLike) -> ZipperNet:
     return net
 
 
-def checkpoint_provenance(path: str | os.PathLike) -> dict:
-    return dict(load_torch(path).get("provenance", {}))
-
-
 def side_by_side(teachers: Mapping[str, Backbone], scope: str = "block") -> ZipperNet:
     """Depth 0: the teachers exactly, as branches of one ZipperNet."""
     check_compatible(teachers)
