@@ -1,6 +1,7 @@
 """Compare how merged weights start: plain average (eq. 1) vs channel alignment (weights, activations).
 
-For every depth k in a set and every init, starting from the teachers themselves (not the chain):
+For every depth k in a set, every seed and every init, starting from the teachers themselves (not
+the chain); a seed fixes the calibration data order, the same for every init, so gaps are paired:
 
 1. `zip_models(teachers, k, init=...)`, then BN running stats re-estimated on calibration data
    (`reset_bn_stats`, each task's images through its own path) -> per-task val accuracy "before";
@@ -10,8 +11,10 @@ For every depth k in a set and every init, starting from the teachers themselves
 
     .venv/bin/python benchmarks/compare_inits.py [--params params.yaml] [--root /tmp/zipper-compare]
         [--depths 1,2,3,5,7,9,11,13 | all] [--steps 150] [--eval-every 25] [--batch-size 64]
-        [--inits average,weights,activations] [--threads 1] [--out docs/alignment]
+        [--inits average,weights,activations] [--seeds 0,1] [--jobs 2] [--threads 1] [--set KEY=VALUE]
+        [--out docs/alignment]
 
+`--jobs N` runs N (depth, seed) units at a time in worker processes of `--threads` torch threads.
 Teachers, shards and the feature cache come from the real stage functions (`run_data`,
 `run_teachers`, `run_features`) under `--root`, reused when already there. Writes
 `<out>.json` (every number), `<out>.md` (tables + the command) and `<out>.png` (plot).
@@ -28,21 +31,23 @@ import argparse
 import dataclasses
 import json
 import logging
+import multiprocessing
 import shlex
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 import torch
 
 from zipper.calibrate import CalibrateConfig, calibrate
-from zipper.config import Params, load_params
+from zipper.config import Params, load_params, parse_overrides
 from zipper.data import read_manifest, val_batches
 from zipper.data.features import cache_matches
 from zipper.evaluate import accuracy, evaluate_zipper
-from zipper.io import sha256_file
+from zipper.io import sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
 from zipper.merge.bn import reset_bn_stats
 from zipper.stages import Layout, calibration_streams, load_teachers, run_data, run_features, run_teachers
@@ -137,33 +142,68 @@ def steps_to_close(evals: list, teacher_acc: Mapping[str, float], within_pp: flo
     return None
 
 
-def run_one(params: Params, layout: Layout, teachers, val, depth: int, init: str, align_data: list,
-            cfg: CalibrateConfig, every: int, bn_batches: int, work: Path, teacher_acc) -> dict[str, Any]:
+def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int,
+            work: Path) -> dict[str, Any]:
+    params, layout, teachers, val = ctx["params"], ctx["layout"], ctx["teachers"], ctx["val"]
     tasks = params.tasks
     t0 = time.perf_counter()
     net = zip_models(teachers, depth, scope=params.zipper.scope, init=init,
                      batches=align_data if init == "activations" else None)
     t_merge = time.perf_counter() - t0
-    # Same seed for every init at this depth: identical calibration data order.
-    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
-    bn_stream = ((t, next(streams[t])[0]) for _ in range(bn_batches) for t in tasks)
+    # Same data seed for every init of a (depth, seed) unit: identical calibration data order.
+    streams, targets = calibration_streams(params, layout, seed=data_seed)
+    bn_stream = ((t, next(streams[t])[0]) for _ in range(ctx["bn_batches"]) for t in tasks)
     reset_bn_stats(net, bn_stream, lambda tb: net.forward_tasks(tb[1], [tb[0]]), max_batches=10**9)
     evaluate = lambda n: evaluate_zipper(n, val)  # noqa: E731
     before = evaluate(net)
     t1 = time.perf_counter()
-    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, every, evaluate,
+    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate,
                                          work / f"depth_{depth}_{init}.partial.pt")
     t_cal = time.perf_counter() - t1
     evals = [(0, before)] + evals
-    row = {"depth": depth, "init": init, "targets": targets, "before": before, "after": evals[-1][1],
-           "evals": [{"step": s, "acc": a} for s, a in evals], "steps_to_within_1pp": steps_to_close(evals, teacher_acc),
-           **{f"steps_to_within_{pp:g}pp": steps_to_close(evals, teacher_acc, pp) for pp in LOOSE_PP},
+    row = {"depth": depth, "init": init, "seed": cfg.seed, "targets": targets, "before": before, "after": evals[-1][1],
+           "evals": [{"step": s, "acc": a} for s, a in evals],
            "loss_first": curves["loss"][0] if curves.get("loss") else None,
            "loss_last": curves["loss"][-1] if curves.get("loss") else None,
            "merge_s": round(t_merge, 2), "calibrate_s": round(t_cal, 2)}
-    log.info("depth %2d %-11s before %s after %s  within 1pp at %s  (merge %.1fs, calib %.1fs)", depth, init,
-             fmt_acc(before), fmt_acc(row["after"]), row["steps_to_within_1pp"], t_merge, t_cal)
+    log.info("depth %2d seed %d %-11s before %s after %s  (merge %.1fs, calib %.1fs)", depth, cfg.seed, init,
+             fmt_acc(before), fmt_acc(row["after"]), t_merge, t_cal)
     return row
+
+
+# ------------------------------------------------------------------- units (one per process)
+_CTX: dict[str, Any] = {}
+
+
+def load_context(params: Params, root: str, eval_every: int, inits: list[str]) -> dict[str, Any]:
+    """Teachers and val batches (materialised once: every evaluation reads the same tensors)."""
+    layout = Layout(Path(root))
+    teachers = load_teachers(params, layout)
+    size = params.teachers.input_size
+    val = {t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size))
+           for t in params.tasks}
+    # BN stats are re-estimated in run_one (before the "before" measurement), so calibrate must not redo it.
+    cfg = dataclasses.replace(params.calibrate, checkpoint_every=eval_every, bn_reset_batches=0)
+    return {"params": params, "layout": layout, "teachers": teachers, "val": val, "cfg": cfg, "inits": inits,
+            "eval_every": eval_every, "bn_batches": params.calibrate.bn_reset_batches or 10}
+
+
+def init_worker(params: Params, root: str, eval_every: int, inits: list[str], threads: int) -> None:
+    torch.set_num_threads(threads)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    _CTX.update(load_context(params, root, eval_every, inits))
+
+
+def run_unit(depth: int, seed: int) -> list[dict[str, Any]]:
+    """Every init at one depth, from one calibration data order (seed)."""
+    ctx, params = _CTX, _CTX["params"]
+    data_seed = params.calibrate.seed + depth + 1000 * seed
+    cfg = dataclasses.replace(ctx["cfg"], seed=seed)
+    # Activation matching reads calibration images of every task (as run_zip does).
+    align_streams, _ = calibration_streams(params, ctx["layout"], seed=data_seed)
+    align_data = [next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
+    with tempfile.TemporaryDirectory(prefix="compare_inits_") as tmp:
+        return [run_one(ctx, depth, init, align_data, cfg, data_seed, Path(tmp)) for init in ctx["inits"]]
 
 
 def fmt_acc(acc: Mapping[str, float]) -> str:
@@ -171,23 +211,40 @@ def fmt_acc(acc: Mapping[str, float]) -> str:
 
 
 # ---------------------------------------------------------------------------------- outputs
+def mean_rows(rows: list[dict]) -> list[dict]:
+    """Per (depth, init): accuracies averaged over seeds, at every evaluated step."""
+    groups: dict[tuple[int, str], list[dict]] = {}
+    for r in rows:
+        groups.setdefault((r["depth"], r["init"]), []).append(r)
+    out = []
+    for (depth, init), rs in sorted(groups.items()):
+        avg = lambda accs: {t: sum(a[t] for a in accs) / len(accs) for t in accs[0]}  # noqa: E731
+        steps = [e["step"] for e in rs[0]["evals"]]
+        out.append({"depth": depth, "init": init, "seeds": sorted(r["seed"] for r in rs),
+                    "before": avg([r["before"] for r in rs]), "after": avg([r["after"] for r in rs]),
+                    "evals": [{"step": s, "acc": avg([r["evals"][i]["acc"] for r in rs])} for i, s in enumerate(steps)]})
+    return out
+
+
 def gaps(rows: list[dict], inits: list[str]) -> list[dict]:
-    """Per depth and aligned init: mean-over-tasks accuracy minus average's, in points."""
-    by = {(r["depth"], r["init"]): r for r in rows}
+    """Per depth and aligned init: mean-over-tasks accuracy minus average's (same seed), in points;
+    the mean over seeds, and each seed's."""
+    by = {(r["depth"], r["init"], r["seed"]): r for r in rows}
     out = []
     for depth in sorted({r["depth"] for r in rows}):
-        base = by.get((depth, "average"))
-        if base is None:
-            continue
         for init in inits:
-            if init == "average" or (depth, init) not in by:
+            pairs = [(by[(depth, init, s)], by[(depth, "average", s)]) for d, i, s in sorted(by)
+                     if d == depth and i == init != "average" and (depth, "average", s) in by]
+            if not pairs:
                 continue
-            r = by[(depth, init)]
-            out.append({"depth": depth, "init": init,
-                        "before_pp": 100 * (mean(r["before"]) - mean(base["before"])),
-                        "after_pp": 100 * (mean(r["after"]) - mean(base["after"])),
-                        "before_pp_task": {t: 100 * (r["before"][t] - base["before"][t]) for t in r["before"]},
-                        "after_pp_task": {t: 100 * (r["after"][t] - base["after"][t]) for t in r["after"]}})
+            diff = lambda key: [100 * (mean(r[key]) - mean(b[key])) for r, b in pairs]  # noqa: E731
+            task_diff = lambda key: {t: sum(100 * (r[key][t] - b[key][t]) for r, b in pairs) / len(pairs)  # noqa: E731
+                                     for t in pairs[0][0][key]}
+            before, after = diff("before"), diff("after")
+            out.append({"depth": depth, "init": init, "seeds": len(pairs),
+                        "before_pp": sum(before) / len(before), "after_pp": sum(after) / len(after),
+                        "before_pp_seeds": before, "after_pp_seeds": after,
+                        "before_pp_task": task_diff("before"), "after_pp_task": task_diff("after")})
     return out
 
 
@@ -206,8 +263,9 @@ def claim(gap_rows: list[dict]) -> dict[str, Any]:
 def write_markdown(path: Path, result: dict) -> None:
     tasks, inits = result["tasks"], result["inits"]
     ta = result["teacher_acc"]
-    rows = {(r["depth"], r["init"]): r for r in result["rows"]}
-    depths = sorted({r["depth"] for r in result["rows"]})
+    rows = {(r["depth"], r["init"]): r for r in mean_rows(result["rows"])}
+    depths = sorted({d for d, _ in rows})
+    seeds = sorted({r["seed"] for r in result["rows"]})
     c = result["config"]
     L = ["# Alignment vs plain average: merged accuracy per depth", "",
          "Made by (from the repository root):", "", "```", result["command"], "```", "",
@@ -223,12 +281,12 @@ def write_markdown(path: Path, result: dict) -> None:
          f"- *steps to 1pp*: first evaluated step (0 = before calibration) at which every task is within "
          f"{WITHIN_PP:g} point of its teacher; `>{c['steps']}` = not within budget; the next columns: the same with "
          + " and ".join(f"{pp:g}" for pp in LOOSE_PP) + " points;",
-         f"- activation matching uses {c['align_batches']} calibration batches per task; same calibration data "
-         "order for every init at a depth.",
-         f"- wall time {result['wall_s'] / 60:.1f} min on {result['machine']}.",
-         "- one run per cell (one seed, one data order): the *before* numbers of the aligned inits move by several "
-         "points with the batches used for activation matching and BN re-estimation, so read small gaps as noise.", "",
-         "## Accuracy (%) per task: " + " / ".join(tasks), "",
+         f"- activation matching uses {c['align_batches']} calibration batches per task;",
+         f"- every (depth, init) cell is run with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): a seed fixes "
+         "the calibration data order (the same for every init), the batches for BN re-estimation and activation "
+         "matching; numbers are means over seeds, gaps are taken per seed against `average` on the same data;",
+         f"- wall time {result['wall_s'] / 60:.1f} min, {result['jobs']} process(es) of {result['machine']}.", "",
+         "## Accuracy (%) per task, mean over seeds: " + " / ".join(tasks), "",
          f"Teachers: {fmt_acc(ta)}.", "",
          "| depth | init | before | after | " + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
          "|---:|---|---|---|" + "---:|" * (1 + len(LOOSE_PP))]
@@ -240,15 +298,18 @@ def write_markdown(path: Path, result: dict) -> None:
             ss = [steps_to_close([(e["step"], e["acc"]) for e in r["evals"]], ta, pp) for pp in (WITHIN_PP, *LOOSE_PP)]
             L.append(f"| {d} | {init} | {fmt_acc(r['before'])} | {fmt_acc(r['after'])} | "
                      + " | ".join(str(s) if s is not None else f">{c['steps']}" for s in ss) + " |")
-    L += ["", "## Gap: aligned minus average (points, mean over tasks; per task in brackets)", "",
-          "| depth | init | before | after |", "|---:|---|---:|---:|"]
+    L += ["", "## Gap: aligned minus average (points, mean over tasks and seeds)", "",
+          "Per task (" + " / ".join(tasks) + ") and per seed in the last columns.", "",
+          "| depth | init | before | after | before per task | after per task | before per seed | after per seed |",
+          "|---:|---|---:|---:|---|---|---|---|"]
+    signed = lambda vs: "/".join(f"{v:+.1f}" for v in vs)  # noqa: E731
     for g in result["gaps"]:
-        bt = "/".join(f"{v:+.1f}" for v in g["before_pp_task"].values())
-        at = "/".join(f"{v:+.1f}" for v in g["after_pp_task"].values())
-        L.append(f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} ({bt}) | {g['after_pp']:+.2f} ({at}) |")
+        L.append(f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} | {g['after_pp']:+.2f} | "
+                 f"{signed(g['before_pp_task'].values())} | {signed(g['after_pp_task'].values())} | "
+                 f"{signed(g['before_pp_seeds'])} | {signed(g['after_pp_seeds'])} |")
     L += ["", "## Issue 6's claim", "",
           "\"At every depth >= 2, aligned init beats `average` before calibration, and is at least as accurate "
-          "after the same calibration budget\" (mean over tasks, over the depths measured):", ""]
+          "after the same calibration budget\" (mean over tasks and seeds, over the depths measured):", ""]
     for init, v in result["claim"].items():
         if v["holds"]:
             L.append(f"- `{init}`: holds.")
@@ -267,12 +328,13 @@ def write_plot(path: Path, result: dict) -> None:
 
     tasks, inits, c = result["tasks"], result["inits"], result["config"]
     fig, axes = plt.subplots(1, 4, figsize=(20, 4.4))
-    depths = sorted({r["depth"] for r in result["rows"]})
+    rows = mean_rows(result["rows"])
+    depths = sorted({r["depth"] for r in rows})
     shown = sorted({depths[len(depths) // 3], depths[(2 * len(depths)) // 3]})  # curves at two depths
     styles = {"average": "C0", "weights": "C1", "activations": "C2"}
     marks = ["o", "s", "^", "v"]
     for init in inits:
-        rs = sorted((r for r in result["rows"] if r["init"] == init), key=lambda r: r["depth"])
+        rs = [r for r in rows if r["init"] == init]
         ds = [r["depth"] for r in rs]
         for ax, key in ((axes[0], "before"), (axes[1], "after")):
             for j, t in enumerate(tasks):
@@ -338,7 +400,10 @@ def main(argv: list[str] | None = None) -> None:
                     help="teacher targets: computed online (augmented batches; features.enabled=false), from the "
                          "feature cache (features.enabled=true), or as params.yaml says. On this 2-core box the "
                          "cache is the slower one (decoding 13 fp16 taps per sample costs more than a teacher forward)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads (more than 1 on a busy 2-core box is far slower)")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (more than 1 on a busy 2-core box is far slower)")
+    ap.add_argument("--seeds", default="0", help="comma list: each seed reruns every cell with its own data order")
+    ap.add_argument("--jobs", type=int, default=1, help="worker processes, one (depth, seed) unit at a time each")
+    ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
     ap.add_argument("--out", default="docs/alignment", help="output prefix: writes .json, .md, .png")
     ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json, run nothing")
     args = ap.parse_args(argv)
@@ -352,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     wall0 = time.perf_counter()
 
-    overrides = {"calibrate.steps": args.steps}
+    overrides = {**parse_overrides(args.set), "calibrate.steps": args.steps}
     if args.batch_size:
         overrides["calibrate.batch_size"] = args.batch_size
     if args.targets != "params":
@@ -361,59 +426,60 @@ def main(argv: list[str] | None = None) -> None:
     inits = [i for i in args.inits.split(",") if i]
     if any(i not in INITS for i in inits):
         raise SystemExit(f"--inits: expected a subset of {INITS}")
-    if args.eval_every < 1 or args.steps < 1:
-        raise SystemExit("--steps and --eval-every must be >= 1")
+    if args.eval_every < 1 or args.steps < 1 or args.jobs < 1:
+        raise SystemExit("--steps, --eval-every and --jobs must be >= 1")
     layout = Layout(Path(args.root))
     ensure_teachers(params, layout)
-    teachers = load_teachers(params, layout)
-    tasks = params.tasks
-    size = params.teachers.input_size
-    num_blocks = next(iter(teachers.values())).num_blocks
-    depths = parse_depths(args.depths, num_blocks)
-    # Materialised once: every evaluation reads the same tensors.
-    val = {t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size)) for t in tasks}
+    ctx = load_context(params, args.root, args.eval_every, inits)
+    tasks, teachers, val = params.tasks, ctx["teachers"], ctx["val"]
+    depths = parse_depths(args.depths, next(iter(teachers.values())).num_blocks)
+    seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
     teacher_acc = {t: accuracy(teachers[t].eval(), val[t]) for t in tasks}
     log.info("teachers: %s", {t: f"{100 * a:.2f}%" for t, a in teacher_acc.items()})
-    bn_batches = params.calibrate.bn_reset_batches or 10
-    # BN stats are re-estimated here (before the "before" measurement), so calibrate must not redo it.
-    cfg = dataclasses.replace(params.calibrate, checkpoint_every=args.eval_every, bn_reset_batches=0)
+    cfg = ctx["cfg"]
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     result: dict[str, Any] = {
-        "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths,
+        "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths, "seeds": seeds,
         "data": ", ".join(f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "
                           f"{sum(len(y) for _, y in val[t])} val, {teachers[t].num_classes} classes)" for t in tasks),
-        "arch": f"{params.teachers.arch}-{params.teachers.width:g} at {size} px",
+        "arch": f"{params.teachers.arch}-{params.teachers.width:g} at {params.teachers.input_size} px",
         "teacher_acc": teacher_acc,
+        "targets": "feature cache" if params.features.enabled else "teachers online (augmented)",
         "config": {"scope": params.zipper.scope, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
                    "optimizer": cfg.optimizer, "schedule": cfg.schedule, "distill_weight": cfg.distill_weight,
                    "kd_weight": cfg.kd_weight, "grad_clip": cfg.grad_clip, "eval_every": args.eval_every,
-                   "bn_reset_batches": bn_batches, "align_batches": params.zipper.align_batches,
-                   "seed": cfg.seed, "threads": args.threads},
-        "machine": f"{torch.get_num_threads()} torch thread(s), CPU, torch {torch.__version__}",
+                   "bn_reset_batches": ctx["bn_batches"], "align_batches": params.zipper.align_batches,
+                   "threads": args.threads},
+        "machine": f"{args.threads} torch thread(s), CPU, torch {torch.__version__}",
+        "jobs": args.jobs,
         "rows": [],
     }
-    with tempfile.TemporaryDirectory(prefix="compare_inits_") as tmp:
-        for depth in depths:
-            # Activation matching reads calibration images of every task (as run_zip does).
-            align_streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
-            align_data = [next(align_streams[t])[0] for t in tasks for _ in range(params.zipper.align_batches)]
-            result["targets"] = "feature cache" if targets == "cache" else "teachers online (augmented)"
-            for init in inits:
-                result["rows"].append(run_one(params, layout, teachers, val, depth, init, align_data, cfg,
-                                              args.eval_every, bn_batches, Path(tmp), teacher_acc))
-            result["gaps"] = gaps(result["rows"], inits)
-            result["claim"] = claim(result["gaps"])
-            result["wall_s"] = time.perf_counter() - wall0
-            out.with_suffix(".json").write_text(json.dumps(result, indent=1))  # partial results survive a kill
-    result["wall_s"] = time.perf_counter() - wall0
-    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    units = [(d, s) for s in seeds for d in depths]
+    log.info("%d units (depth x seed), %d init(s) each, on %d process(es)", len(units), len(inits), args.jobs)
+
+    def collect(rows: list[dict]) -> None:
+        result["rows"] = sorted(result["rows"] + rows, key=lambda r: (r["depth"], r["seed"], inits.index(r["init"])))
+        result["gaps"] = gaps(result["rows"], inits)
+        result["claim"] = claim(result["gaps"])
+        result["wall_s"] = time.perf_counter() - wall0
+        write_text(out.with_suffix(".json"), json.dumps(result, indent=1))  # partial results survive a kill
+
+    if args.jobs == 1:
+        _CTX.update(ctx)
+        for unit in units:
+            collect(run_unit(*unit))
+    else:
+        # spawn: fresh interpreters (no forked torch thread pools); each loads teachers and val once.
+        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                                 initargs=(params, args.root, args.eval_every, inits, args.threads)) as pool:
+            for future in as_completed([pool.submit(run_unit, *unit) for unit in units]):
+                collect(future.result())
     write_markdown(out.with_suffix(".md"), result)
     write_plot(out.with_suffix(".png"), result)
     log.info("wrote %s.{json,md,png} in %.1f min", out, result["wall_s"] / 60)
-
 
 if __name__ == "__main__":
     main()

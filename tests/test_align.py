@@ -199,3 +199,40 @@ def test_activations_need_batches_and_methods_are_checked():
         permute_model(teacher, {"stem.0": torch.zeros(8, dtype=torch.long)})
     with pytest.raises(KeyError, match="no channel group 'nope'"):
         permute_model(teacher, {"nope": torch.arange(3)})
+
+
+def _distill_gap(net, teachers: dict, x: torch.Tensor) -> dict[str, float]:
+    """Per task, the largest relative error between the net's taps and its teacher's taps put in the
+    net's channel order: what calibration's distillation term sees."""
+    from zipper.calibrate import teacher_targets
+
+    out = {}
+    for t, teacher in teachers.items():
+        _, _, _, t_taps = teacher_targets(teacher, (x, None))
+        _, taps = net.eval().forward_intermediates(x, [t])
+        ordered = net.in_student_order(t, t_taps)
+        out[t] = max(_err(taps[t][k], ordered[k]) for k in t_taps)
+    return out
+
+
+@pytest.mark.parametrize("arch", ["mobilenet_v1", "mobilenet_v2"])
+def test_distillation_targets_follow_the_alignment(arch, tmp_path):
+    """An aligned merge of a teacher and its shuffled copy *is* both teachers, so the distillation
+    error must be zero: the shuffled teacher's taps are compared in the student's channel order,
+    also after save/load and through the depth chain (orders compose). Without the reordering the
+    error is large, and calibration would pull the branch back towards the unaligned order."""
+    teacher = _teacher(arch)
+    copy_ = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(11)))
+    teachers = {"a": teacher, "b": copy_}
+    x = _inputs(4, 16)
+    k = teacher.num_blocks // 2
+    half = zipper.zip_models(teachers, k, init="weights")
+    full = deepen_aligned(half, teacher.num_blocks, "weights")
+    half.save(tmp_path / "half.pt")
+    for net in (half, zipper.load(tmp_path / "half.pt"), full):
+        gaps = _distill_gap(net, teachers, x)
+        assert gaps["a"] < 1e-4 and gaps["b"] < 1e-4, gaps
+    assert not half.tap_orders["a"] and half.tap_orders["b"]  # the first task is the reference
+    unordered = copy.deepcopy(full)
+    unordered.tap_orders = {t: {} for t in teachers}
+    assert _distill_gap(unordered, teachers, x)["b"] > 0.05

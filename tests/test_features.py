@@ -105,3 +105,23 @@ def test_budget_refusal_names_the_setting(setup, tmp_path, capsys):
     assert "MiB" in capsys.readouterr().out  # the size was printed before refusing
     assert not (tmp_path / "c").exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cached_targets_follow_an_aligned_merge(setup, tmp_path):
+    """A teacher's cache stores its own channel order; an aligned ZipperNet reads it in its own."""
+    import zipper
+    from zipper.merge.align import permute_model, random_permutations
+
+    shards, cache, teacher = setup
+    shuffled = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(3)))
+    write_feature_cache(shuffled, shards, tmp_path / "cache", input_size=32, batch_size=8, budget_mb=100,
+                        maxcount=10, teacher_sha256="def456")
+    net = zipper.zip_models({"a": teacher, "b": shuffled}, teacher.num_blocks, init="weights").eval()
+    x, _y, _logits, taps = next(iter(cached_batches(tmp_path / "cache", batch_size=8, seed=0, input_size=32)))
+    with torch.no_grad():
+        _, student = net.forward_intermediates(x, ["b"])
+    ordered = net.in_student_order("b", taps)
+    for k in taps:
+        scale = student["b"][k].abs().max().item() + 1e-6
+        assert (student["b"][k] - ordered[k].float()).abs().max().item() < 1e-2 * scale, k
+    assert max((student["b"][k] - taps[k].float()).abs().max().item() for k in taps) > 0.1  # order matters

@@ -132,6 +132,7 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
         ce_sum = l1_sum = 0.0
         for t in tasks:
             x, y, t_logits, t_taps = teacher_targets(teachers[t], next(streams[t]))
+            t_taps = net.in_student_order(t, t_taps)
             logits, taps = net.forward_intermediates(x, [t])
             ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, t_taps)
             loss = ce + cfg.distill_weight * l1

@@ -7,17 +7,11 @@ import logging
 import sys
 from pathlib import Path
 
-import yaml
-
 
 def _overrides(args: argparse.Namespace) -> dict:
-    overrides = {}
-    for item in args.set or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key] = yaml.safe_load(value)
-    return overrides
+    from .config import parse_overrides
+
+    return parse_overrides(args.set)
 
 
 def _params(args: argparse.Namespace):

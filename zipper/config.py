@@ -10,7 +10,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 import yaml
 
@@ -123,6 +123,17 @@ class Params:
     def section_hash(self, name: str) -> str:
         """What a stage's outputs record as the config that made them."""
         return sha256_json(dataclasses.asdict(getattr(self, name)))
+
+
+def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:
+    """`KEY=VALUE` strings (the `--set` option) -> {dotted key: YAML-parsed value}."""
+    overrides = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    return overrides
 
 
 def load_params(path: str | os.PathLike, overrides: Mapping[str, Any] | None = None) -> Params:

@@ -6,7 +6,7 @@ from typing import Iterable, Mapping
 from torch import nn
 
 from .align import align_models, deepen_aligned
-from .zipnet import SCOPES, ZipperNet, ZipperSpec, check_compatible, deepen, export_onnx, load, side_by_side
+from .zipnet import SCOPES, ZipperNet, ZipperSpec, deepen, export_onnx, load, side_by_side
 
 # How shared weights start. "average" is the paper's eq. 1; alignment inits permute the
 # branches' channels to match the first task's before averaging (see merge/align.py).
@@ -24,13 +24,7 @@ def zip_models(teachers: Mapping[str, nn.Module], depth: int, *, scope: str = "b
         raise ValueError(f"unknown init {init!r}; expected one of {INITS}")
     if scope not in SCOPES:
         raise ValueError(f"unknown scope {scope!r}; expected one of {SCOPES}")
-    if init != "average":
-        if init == "activations" and batches is None:
-            raise ValueError("init 'activations' needs calibration batches (zip_models(..., batches=...))")
-        check_compatible(teachers)
-        aligned = align_models(list(teachers.values()), init, batches=batches)
-        teachers = dict(zip(teachers, aligned))
-    return deepen(side_by_side(teachers, scope), depth)
+    return deepen_aligned(side_by_side(teachers, scope), depth, init, batches=batches)
 
 
 __all__ = ["INITS", "SCOPES", "export_onnx", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned", "load",

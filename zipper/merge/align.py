@@ -118,8 +118,12 @@ class _Walker:
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             for attr in ("weight", "bias", "running_mean", "running_var"):
                 self._add(self.current, name, getattr(m, attr), attr, 0)
-            if self.just_created is not None and self.just_created == self.current:
-                self.groups[self.current].taps[-1] = name  # post-BN is what the next layer sees
+            if self.current is not None:
+                taps = self.groups[self.current].taps
+                if self.just_created == self.current:
+                    taps[-1] = name  # post-BN is what the next layer sees
+                else:  # after a depthwise conv: its filters matter to a match too
+                    taps.append(name)
             self.just_created = None
         elif _is_se(m):
             self.squeeze_excitation(name, m, position)
@@ -457,7 +461,11 @@ def find_permutations(models: Sequence[Backbone], method: str = "weights", *, ba
 def align_models(models: Sequence[Backbone], method: str, *, batches: Iterable[object] | None = None,
                  start_block: int = 0, **kwargs) -> list[Backbone]:
     """Copies of `models`, each permuted to match `models[0]` (returned as a copy, unchanged);
-    every copy computes exactly what its input did. `kwargs` go to `find_permutations`."""
+    every copy computes exactly what its input did. `kwargs` go to `find_permutations`.
+
+    To zip, prefer `zip_models(..., init=method)`: it also records the channel orders that
+    calibration needs to compare against the original teachers. Distilling a merge of these
+    copies from the *unpermuted* teachers would pull the channels back."""
     perms = find_permutations(models, method, batches=batches, start_block=start_block, **kwargs)
     spec = permutation_spec(models[0])
     return [copy.deepcopy(models[0])] + [permute_model(m, p, spec=spec) for m, p in zip(models[1:], perms[1:])]
@@ -466,7 +474,7 @@ def align_models(models: Sequence[Backbone], method: str, *, batches: Iterable[o
 def align_branches_(net: ZipperNet, method: str, *, batches: Iterable[object] | None = None, **kwargs) -> ZipperNet:
     """Permute, in place, every branch of `net` after the first to match the first, from block
     `net.depth` on (the trunk, and under scope "pointwise" the shared pointwise convs, lie before
-    it and are never touched). Returns `net`."""
+    it and are never touched), and record the moves in `net.tap_orders`. Returns `net`."""
     branches = [net.branches[t] for t in net.spec.task_names]
     was_training = net.training
     run = None
@@ -480,11 +488,17 @@ def align_branches_(net: ZipperNet, method: str, *, batches: Iterable[object] | 
         net.train(was_training)
     spec = permutation_spec(branches[0])
     shared = tuple(f"{c}." for c in net.shared_pointwise_convs())
-    for branch, p in zip(branches[1:], perms[1:]):
+    taps = set(branches[0].pointwise_taps())
+    for task, branch, p in zip(net.spec.task_names[1:], branches[1:], perms[1:]):
         touched = [k for n in p for k, _ in spec.groups[n].axes if k.startswith(shared)]
         if touched:  # cannot happen with start_block == depth; guards tied modules all the same
             raise RuntimeError(f"alignment would permute shared layer {touched[0]!r}")
         _apply_(branch, spec, p)
+        orders = net.tap_orders[task]
+        for n, perm in p.items():
+            for tap in taps.intersection(spec.groups[n].taps):
+                # new[:, i] = old[:, perm[i]] and old = teacher[:, order]: compose
+                orders[tap] = orders.get(tap, torch.arange(len(perm)))[perm]
     return net
 
 
@@ -493,10 +507,10 @@ def deepen_aligned(net: ZipperNet, depth: int, method: str = "weights", *,
     """The chain step with alignment: align a copy of `net`'s branches from block `net.depth` on,
     then average blocks [net.depth, depth) into the trunk (`deepen`). `net` is left unchanged.
     method "average" is plain `deepen`."""
-    if method == "average" or depth == net.depth:
-        return deepen(net, depth)
     if method == "activations" and batches is None:
         raise ValueError("init 'activations' needs calibration batches (batches=...)")
+    if method == "average" or depth == net.depth:
+        return deepen(net, depth)
     if depth < net.depth:
         raise ValueError(f"cannot zip from depth {net.depth} back to {depth}")
     return deepen(align_branches_(copy.deepcopy(net), method, batches=batches, **kwargs), depth)

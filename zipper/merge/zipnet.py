@@ -79,6 +79,10 @@ class ZipperNet(nn.Module):
                 for part in parts.values():
                     part.set_submodule(name, first.get_submodule(name))
         self.branches = nn.ModuleDict(parts)
+        # Per task, the channel order of its pointwise taps relative to its teacher's, for taps
+        # that alignment permuted: student_tap == teacher_tap[:, order]. Calibration must compare
+        # in the student's order, else distillation undoes the alignment (merge/align.py).
+        self.tap_orders: dict[str, dict[str, torch.Tensor]] = {t: {} for t in spec.task_names}
 
     @property
     def depth(self) -> int:
@@ -120,10 +124,15 @@ class ZipperNet(nn.Module):
             logits = self.forward_tasks(x, tasks)
         return logits, {t: {**trunk_feats, **branch_feats[t]} for t in tasks}
 
+    def in_student_order(self, task: str, teacher_taps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`task`'s teacher taps with their channels reordered as this net's (aligned) channels."""
+        orders = self.tap_orders[task]
+        return {k: v.index_select(1, orders[k].to(v.device)) if k in orders else v for k, v in teacher_taps.items()}
+
     def save(self, path: str | os.PathLike, **provenance: object) -> None:
-        """One file: spec + state_dict (+ what made it), written atomically."""
+        """One file: spec + state_dict + tap orders (+ what made it), written atomically."""
         save_torch({"format": FORMAT, "spec": spec_to_dict(self.spec), "state_dict": self.state_dict(),
-                    "provenance": dict(provenance)}, path)
+                    "tap_orders": self.tap_orders, "provenance": dict(provenance)}, path)
 
     def export_onnx(self, path: str | os.PathLike) -> None:
         export_onnx(self, path)
@@ -163,6 +172,11 @@ def load(path: str | os.PathLike) -> ZipperNet:
         raise ValueError(f"{path}: not a ZipperNet checkpoint (expected format {FORMAT!r})")
     net = ZipperNet(ZipperSpec(**ckpt["spec"]))
     net.load_state_dict(ckpt["state_dict"])
+    orders = ckpt.get("tap_orders") or {}
+    unknown = set(orders) - set(net.tap_orders)
+    if unknown:
+        raise ValueError(f"{path}: tap_orders names unknown task {sorted(unknown)[0]!r}")
+    net.tap_orders.update({t: dict(o) for t, o in orders.items()})
     return net
 
 
@@ -226,4 +240,5 @@ def deepen(net: ZipperNet, depth: int) -> ZipperNet:
             shared_conv = sub.rpartition(".")[0] in shared
             state[key] = merged(sub) if shared_conv else old[key].clone()
     new.load_state_dict(state)
+    new.tap_orders = {t: {k: v.clone() for k, v in o.items()} for t, o in net.tap_orders.items()}
     return new
