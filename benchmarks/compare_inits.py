@@ -32,9 +32,11 @@ import dataclasses
 import json
 import logging
 import multiprocessing
+import os
 import shlex
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -42,14 +44,13 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from zipper.calibrate import CalibrateConfig, calibrate
+from zipper.calibrate import CalibrateConfig, calibrate, reset_bn_on_streams
 from zipper.config import Params, load_params, parse_overrides
 from zipper.data import read_manifest, val_batches
 from zipper.data.features import cache_matches
 from zipper.evaluate import accuracy, evaluate_zipper
 from zipper.io import sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
-from zipper.merge.bn import reset_bn_stats
 from zipper.stages import Layout, calibration_streams, load_teachers, run_data, run_features, run_teachers
 
 log = logging.getLogger("compare_inits")
@@ -145,15 +146,13 @@ def steps_to_close(evals: list, teacher_acc: Mapping[str, float], within_pp: flo
 def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int,
             work: Path) -> dict[str, Any]:
     params, layout, teachers, val = ctx["params"], ctx["layout"], ctx["teachers"], ctx["val"]
-    tasks = params.tasks
     t0 = time.perf_counter()
     net = zip_models(teachers, depth, scope=params.zipper.scope, init=init,
                      batches=align_data if init == "activations" else None)
     t_merge = time.perf_counter() - t0
     # Same data seed for every init of a (depth, seed) unit: identical calibration data order.
     streams, targets = calibration_streams(params, layout, seed=data_seed)
-    bn_stream = ((t, next(streams[t])[0]) for _ in range(ctx["bn_batches"]) for t in tasks)
-    reset_bn_stats(net, bn_stream, lambda tb: net.forward_tasks(tb[1], [tb[0]]), max_batches=10**9)
+    reset_bn_on_streams(net, streams, ctx["bn_batches"])
     evaluate = lambda n: evaluate_zipper(n, val)  # noqa: E731
     before = evaluate(net)
     t1 = time.perf_counter()
@@ -189,9 +188,17 @@ def load_context(params: Params, root: str, eval_every: int, inits: list[str]) -
 
 
 def init_worker(params: Params, root: str, eval_every: int, inits: list[str], threads: int) -> None:
+    # A killed benchmark must not leave workers running the units already queued to them.
+    threading.Thread(target=_exit_with_parent, args=(os.getppid(),), daemon=True).start()
     torch.set_num_threads(threads)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     _CTX.update(load_context(params, root, eval_every, inits))
+
+
+def _exit_with_parent(parent: int) -> None:
+    while os.getppid() == parent:
+        time.sleep(2)
+    os._exit(1)
 
 
 def run_unit(depth: int, seed: int) -> list[dict[str, Any]]:

@@ -138,3 +138,26 @@ def test_onnx_export_has_one_output_per_task_and_matches(tmp_path, tiny_teachers
     got = dict(zip(["a", "b"], session.run(None, {"images": x.numpy()})))
     for t, v in net(x).items():
         torch.testing.assert_close(torch.from_numpy(got[t]), v, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("scope", ["block", "pointwise"])
+def test_forward_per_task_runs_the_trunk_once_on_the_task_mix(tiny_teachers, scope):
+    """Same outputs as each task alone (eval); in training the trunk's BN normalises the mixed batch."""
+    net = zipper.zip_models(tiny_teachers, 4, scope=scope).eval()
+    g = torch.Generator().manual_seed(0)
+    inputs = {t: torch.randn(n, 3, TINY["input_size"], TINY["input_size"], generator=g) for t, n in zip(tiny_teachers, (3, 5))}
+    logits, taps = net.forward_per_task(inputs)
+    for t, x in inputs.items():
+        ref_logits, ref_taps = net.forward_intermediates(x, [t])
+        assert torch.allclose(logits[t], ref_logits[t], atol=1e-5)
+        assert taps[t].keys() == ref_taps[t].keys()
+        assert all(torch.allclose(taps[t][k], ref_taps[t][k], atol=1e-5) for k in taps[t])
+    if scope == "block":
+        bn = net.trunk.stem[1]
+        bn.reset_running_stats()
+        bn.momentum = None
+        net.train()
+        net.forward_per_task({t: x + 5 * i for i, (t, x) in enumerate(inputs.items())})
+        mixed = torch.cat([x + 5 * i for i, x in enumerate(inputs.values())])
+        expected = net.trunk.stem[0](mixed).mean((0, 2, 3))
+        assert torch.allclose(bn.running_mean, expected, atol=1e-4)  # one batch of both tasks

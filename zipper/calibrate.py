@@ -86,6 +86,13 @@ def task_loss(cfg: CalibrateConfig, logits: torch.Tensor, taps: Mapping[str, tor
     return ce, l1
 
 
+def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int) -> None:
+    """Re-estimate BN running stats on `batches` steps of calibration data, the tasks mixed as in
+    calibration (`forward_per_task`)."""
+    steps = ({t: next(streams[t])[0] for t in net.spec.task_names} for _ in range(batches))
+    reset_bn_stats(net, steps, net.forward_per_task, max_batches=batches)
+
+
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     if cfg.optimizer == "sgd":
         opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
@@ -122,27 +129,26 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
     key = sha256_json({"cfg": asdict(cfg), "spec": asdict(net.spec)})
     start = _resume(partial_path, key, net, opt, sched, curves)
     if start == 0 and cfg.bn_reset_batches:
-        batches = ((t, next(streams[t])[0]) for _ in range(cfg.bn_reset_batches) for t in tasks)
-        reset_bn_stats(net, batches, lambda tb: net.forward_tasks(tb[1], [tb[0]]), max_batches=10**9)
+        reset_bn_on_streams(net, streams, cfg.bn_reset_batches)
     net.train()
     bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
                disable=None, leave=False)
     for step in bar:
         opt.zero_grad(set_to_none=True)
-        ce_sum = l1_sum = 0.0
-        for t in tasks:
-            x, y, t_logits, t_taps = teacher_targets(teachers[t], next(streams[t]))
-            t_taps = net.in_student_order(t, t_taps)
-            logits, taps = net.forward_intermediates(x, [t])
-            ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, t_taps)
-            loss = ce + cfg.distill_weight * l1
-            if not torch.isfinite(loss):
+        batches = {t: teacher_targets(teachers[t], next(streams[t])) for t in tasks}
+        logits, taps = net.forward_per_task({t: b[0] for t, b in batches.items()})
+        loss, ce_sum, l1_sum = 0.0, 0.0, 0.0
+        for t, (_x, y, t_logits, t_taps) in batches.items():
+            ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, net.in_student_order(t, t_taps))
+            total = ce + cfg.distill_weight * l1
+            if not torch.isfinite(total):
                 raise FloatingPointError(
                     f"non-finite calibration loss at depth {net.depth}, step {step}, task {t!r} "
                     f"(ce={ce.item()}, l1={l1.item()}); last good checkpoint: {partial_path or 'none kept'} "
                     f"- lower calibrate.lr or raise calibrate.grad_clip")
-            loss.backward()  # per task, so only one task's graph is alive at a time
+            loss = loss + total
             ce_sum, l1_sum = ce_sum + ce.item(), l1_sum + l1.item()
+        loss.backward()
         if cfg.grad_clip:
             nn.utils.clip_grad_norm_(params, cfg.grad_clip)
         curves["lr"].append(opt.param_groups[0]["lr"])

@@ -124,6 +124,31 @@ class ZipperNet(nn.Module):
             logits = self.forward_tasks(x, tasks)
         return logits, {t: {**trunk_feats, **branch_feats[t]} for t in tasks}
 
+    def forward_per_task(self, inputs: Mapping[str, torch.Tensor]
+                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+        """Logits and pointwise taps per task, each task on its own images (calibration).
+
+        The trunk runs once on all tasks' images together: at inference its BatchNorms normalise
+        with statistics of the task mix, so training must normalise a mixed batch too. Task-pure
+        trunk batches train the net on per-task statistics that inference never has (measured:
+        a depth-8 merge at 80% with running stats was at 99% with per-task batch statistics).
+        """
+        if self.trunk is None:  # every BN belongs to one task: task-pure batches are right
+            out = {t: self.forward_intermediates(x, [t]) for t, x in inputs.items()}
+            return {t: o[0][t] for t, o in out.items()}, {t: o[1][t] for t, o in out.items()}
+        tasks, sizes = list(inputs), [len(x) for x in inputs.values()]
+        trunk_feats: dict[str, torch.Tensor] = {}
+        with capture(self.trunk, self.trunk.pointwise_taps(), trunk_feats):
+            z = self.trunk.forward_features(torch.cat(list(inputs.values())), stop=self.depth)
+        trunk_split = {k: v.split(sizes) for k, v in trunk_feats.items()}
+        logits, taps = {}, {}
+        for i, (t, z_t) in enumerate(zip(tasks, z.split(sizes))):
+            branch, feats = self.branch(t), {}
+            with capture(branch, branch.pointwise_taps(), feats):
+                logits[t] = branch.forward_head(branch.forward_features(z_t, start=self.depth))
+            taps[t] = {**{k: v[i] for k, v in trunk_split.items()}, **feats}
+        return logits, taps
+
     def in_student_order(self, task: str, teacher_taps: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """`task`'s teacher taps with their channels reordered as this net's (aligned) channels."""
         orders = self.tap_orders[task]
