@@ -4,7 +4,8 @@ For every depth k in a set, every seed and every init, starting from the teacher
 the chain); a seed fixes the calibration data order, the same for every init, so gaps are paired:
 
 1. `zip_models(teachers, k, init=...)`, then BN running stats re-estimated on calibration data
-   (`reset_bn_stats`, each task's images through its own path) -> per-task val accuracy "before";
+   (`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration)
+   -> per-task val accuracy "before";
 2. `zipper.calibrate.calibrate` for a fixed budget, paused every `--eval-every` steps to measure
    val accuracy -> accuracy "after" and the first evaluated step at which every task is within
    1 point of its teacher.
@@ -281,7 +282,7 @@ def write_markdown(path: Path, result: dict) -> None:
          f"- every depth starts from the teachers (`zip_models(teachers, k, init=...)`, scope `{c['scope']}`), "
          "not from the chain;",
          f"- BN running stats re-estimated for every init on {c['bn_reset_batches']} calibration batches per task "
-         "(`reset_bn_stats`, each task's images through its own path) -> **before**;",
+         "(`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration) -> **before**;",
          f"- then `zipper.calibrate.calibrate`: {c['steps']} steps, batch {c['batch_size']} per task, {c['optimizer']} "
          f"lr {c['lr']} ({c['schedule']}), distill weight {c['distill_weight']}, teacher targets from the "
          f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps;",

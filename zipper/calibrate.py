@@ -2,7 +2,9 @@
 
 Per task and step: cross-entropy on the task's labels + `distill_weight` x the sum over every
 pointwise tap of the mean |student - teacher| (the authors' release), optionally + logit KD.
-Teacher targets come from a feature cache (fixed preprocessing) or are computed online.
+Teacher targets come from a feature cache (fixed preprocessing) or are computed online. Each step
+runs the shared trunk once on all tasks' batches (`ZipperNet.forward_per_task`), so its BatchNorms
+train on the task mix they normalise at inference.
 """
 from __future__ import annotations
 
