@@ -325,7 +325,7 @@ def write_markdown(path: Path, result: dict) -> None:
             fails = ", ".join(f"depth {f['depth']} (before {f['before_pp']:+.2f}, after {f['after_pp']:+.2f})"
                               for f in v["failures"])
             L.append(f"- `{init}`: does NOT hold at {fails}.")
-    L += ["", "![accuracy per depth before and after calibration](alignment.png)", ""]
+    L += ["", f"![accuracy per depth before and after calibration]({path.with_suffix('.png').name})", ""]
     path.write_text("\n".join(L))
 
 
@@ -373,6 +373,7 @@ def write_plot(path: Path, result: dict) -> None:
     axes[3].legend(fontsize=7)
     for ax in axes[:3]:
         ax.set_xlabel("depth k (shared blocks)")
+        ax.set_xticks(depths)
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("val accuracy (%)")
     fig.suptitle(f"solid: {tasks[0]}, dashed: {', '.join(tasks[1:])}; grey: teachers", fontsize=9)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import zipper
-from zipper.merge import deepen_aligned
+from zipper.merge import align, deepen_aligned
 from zipper.merge.align import (align_models, find_permutations, permutation_spec, permute_model,
                                 random_permutations)
 from zipper.merge.bn import reset_bn_stats
@@ -172,6 +172,18 @@ def test_chain_step_aligns_branches_after_the_trunk(scope, method):
     if scope == "pointwise":
         a, b = deep.branches["a"], deep.branches["b"]
         assert a.blocks[1].conv[2].weight is b.blocks[1].conv[2].weight  # shared 1x1 convs stay tied
+
+
+def test_identity_permutations_give_the_plain_average(monkeypatch):
+    """The aligned route differs from `average` only by the permutations it finds (README: the
+    depth-1/2 gap after calibration is not the route)."""
+    teachers = {"a": _teacher("mobilenet_v1", seed=0), "b": _teacher("mobilenet_v1", seed=1)}
+    monkeypatch.setattr(align, "_weight_matching", lambda ref, other, spec, free, *rest: {
+        n: torch.arange(spec.groups[n].size) for n in free})
+    aligned = zipper.zip_models(teachers, 3, init="weights")
+    plain = zipper.zip_models(teachers, 3, init="average").state_dict()
+    assert all(torch.equal(v, plain[key]) for key, v in aligned.state_dict().items())
+    assert all(torch.equal(o, torch.arange(len(o))) for orders in aligned.tap_orders.values() for o in orders.values())
 
 
 def test_three_teachers_all_align_to_the_first():

@@ -35,7 +35,7 @@ def test_gaps_pair_each_seed_with_its_own_average_and_the_claim_reads_the_means(
 
 @pytest.mark.slow
 def test_tiny_run_with_seeds_and_worker_processes(tmp_path):
-    out = tmp_path / "docs" / "alignment"
+    out = tmp_path / "docs" / "alignment-tiny"
     compare_inits.main(["--params", str(ROOT / "tests/fixtures/params.tiny.yaml"), "--root", str(tmp_path / "root"),
                         "--depths", "1,2", "--seeds", "0,1", "--jobs", "2", "--steps", "4", "--eval-every", "2",
                         "--set", "calibrate.lr=0.02", "--out", str(out)])
@@ -47,4 +47,5 @@ def test_tiny_run_with_seeds_and_worker_processes(tmp_path):
     assert len(result["gaps"]) == 4 and all(len(g["after_pp_seeds"]) == 2 for g in result["gaps"])
     text = out.with_suffix(".md").read_text()
     assert "--seeds 0,1" in text and "| 2 | weights |" in text
+    assert "](alignment-tiny.png)" in text  # the plot written beside it
     assert out.with_suffix(".png").stat().st_size > 10_000
