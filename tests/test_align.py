@@ -248,3 +248,19 @@ def test_distillation_targets_follow_the_alignment(arch, tmp_path):
     unordered = copy.deepcopy(full)
     unordered.tap_orders = {t: {} for t in teachers}
     assert _distill_gap(unordered, teachers, x)["b"] > 0.05
+
+
+@pytest.mark.parametrize("edit, match", [
+    (lambda orders: orders.update(c={}), "unknown task 'c'"),
+    (lambda orders: orders["b"].update({"blocks.99.bn": torch.arange(4)}), r"layer 'blocks\.99\.bn'"),
+    (lambda orders: orders["b"].update({k: v[:-1] for k, v in orders["b"].items()}), "not a permutation"),
+    (lambda orders: orders["b"].update({k: v.float() for k, v in orders["b"].items()}), "not a permutation"),
+])
+def test_load_names_a_bad_tap_order(tmp_path, edit, match):
+    teacher = _teacher("mobilenet_v1")
+    copy_ = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(12)))
+    net = zipper.zip_models({"a": teacher, "b": copy_}, 4, init="weights")
+    edit(net.tap_orders)
+    net.save(tmp_path / "z.pt")
+    with pytest.raises(ValueError, match=f"z.pt: tap_orders.*{match}"):
+        zipper.load(tmp_path / "z.pt")

@@ -198,11 +198,25 @@ def load(path: str | os.PathLike) -> ZipperNet:
     net = ZipperNet(ZipperSpec(**ckpt["spec"]))
     net.load_state_dict(ckpt["state_dict"])
     orders = ckpt.get("tap_orders") or {}
-    unknown = set(orders) - set(net.tap_orders)
-    if unknown:
-        raise ValueError(f"{path}: tap_orders names unknown task {sorted(unknown)[0]!r}")
+    _check_tap_orders(net, orders, path)
     net.tap_orders.update({t: dict(o) for t, o in orders.items()})
     return net
+
+
+def _check_tap_orders(net: ZipperNet, orders: Mapping, path: str | os.PathLike) -> None:
+    """Every order must name a task and one of its pointwise taps, and permute that tap's channels."""
+    for task, by_tap in orders.items():
+        if task not in net.tap_orders:
+            raise ValueError(f"{path}: tap_orders names unknown task {task!r}")
+        parts = [p for p in (net.trunk, net.branch(task)) if p is not None]
+        channels = {k: p.get_submodule(k).num_features for p in parts for k in p.pointwise_taps()}
+        for tap, order in by_tap.items():
+            if tap not in channels:
+                raise ValueError(f"{path}: tap_orders[{task!r}] names layer {tap!r}, not a pointwise tap of this net")
+            n = channels[tap]
+            if not (isinstance(order, torch.Tensor) and order.dtype == torch.long
+                    and torch.equal(order.sort().values, torch.arange(n))):
+                raise ValueError(f"{path}: tap_orders[{task!r}][{tap!r}] is not a permutation of the layer's {n} channels")
 
 
 def side_by_side(teachers: Mapping[str, Backbone], scope: str = "block") -> ZipperNet:
