@@ -50,7 +50,7 @@ from zipper.config import Params, load_params, parse_overrides
 from zipper.data import read_manifest, val_batches
 from zipper.data.features import cache_matches
 from zipper.evaluate import accuracy, evaluate_zipper
-from zipper.io import sha256_file, write_text
+from zipper.io import atomic_path, sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
 from zipper.stages import Layout, calibration_streams, load_teachers, run_data, run_features, run_teachers
 
@@ -326,7 +326,7 @@ def write_markdown(path: Path, result: dict) -> None:
                               for f in v["failures"])
             L.append(f"- `{init}`: does NOT hold at {fails}.")
     L += ["", f"![accuracy per depth before and after calibration]({path.with_suffix('.png').name})", ""]
-    path.write_text("\n".join(L))
+    write_text(path, "\n".join(L))
 
 
 def write_plot(path: Path, result: dict) -> None:
@@ -381,7 +381,8 @@ def write_plot(path: Path, result: dict) -> None:
     axes[1].legend(fontsize=7, loc="lower left")
     axes[2].legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
 
 
@@ -489,6 +490,7 @@ def main(argv: list[str] | None = None) -> None:
     write_markdown(out.with_suffix(".md"), result)
     write_plot(out.with_suffix(".png"), result)
     log.info("wrote %s.{json,md,png} in %.1f min", out, result["wall_s"] / 60)
+
 
 if __name__ == "__main__":
     main()
