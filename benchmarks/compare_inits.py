@@ -20,11 +20,8 @@ Teachers, shards and the feature cache come from the real stage functions (`run_
 `run_teachers`, `run_features`) under `--root`, reused when already there. Writes
 `<out>.json` (every number), `<out>.md` (tables + the command) and `<out>.png` (plot).
 
-Pausing: calibrate() is driven through its own resume path. The calibration streams are wrapped so
-that the first `next()` of step s raises `Pause`; with `checkpoint_every = --eval-every` the
-partial checkpoint written just before holds exactly the in-memory state (net, optimizer, cosine
-schedule, curves), and the next calibrate() call resumes from it. The result is the same run as
-an uninterrupted calibrate() (same data order, same updates); only the evaluations are added.
+Evaluations run from calibrate()'s step callback (eval mode, no gradients): the calibration is the
+one an unobserved run makes.
 """
 from __future__ import annotations
 
@@ -36,7 +33,6 @@ import multiprocessing
 import os
 import shlex
 import sys
-import tempfile
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -80,54 +76,19 @@ def ensure_teachers(params: Params, layout: Layout) -> None:
             run_features(params, layout, stale)
 
 
-# --------------------------------------------------------------------- paced calibration
-class Pause(Exception):
-    """Raised by a paced stream to stop calibrate() at a chunk boundary."""
-
-
-class Pacer:
-    """Wraps calibration streams; the first task's stream raises `Pause` once `stop_at` steps ran.
-
-    calibrate() draws one batch per task per step in task order, so counting the first task's
-    draws counts steps (calibrate's own BN reset is off here: it draws too)."""
-
-    def __init__(self, streams: Mapping[str, Iterator], first: str) -> None:
-        self.steps, self.stop_at = 0, 0
-        self.streams = {t: _PacedStream(self, t, it, t == first) for t, it in streams.items()}
-
-
-class _PacedStream:
-    def __init__(self, pacer: Pacer, task: str, it: Iterator, counts: bool) -> None:
-        self.pacer, self.task, self.it, self.counts = pacer, task, it, counts
-
-    def __iter__(self) -> "_PacedStream":
-        return self
-
-    def __next__(self) -> Any:
-        if self.counts:
-            if self.pacer.steps >= self.pacer.stop_at:
-                raise Pause
-            self.pacer.steps += 1
-        return next(self.it)
-
-
+# ------------------------------------------------------------------ calibration with evaluations
 def calibrate_with_evals(net: ZipperNet, teachers: Mapping[str, torch.nn.Module], streams: Mapping[str, Iterator],
-                         cfg: CalibrateConfig, every: int, evaluate, partial: Path) -> tuple[list, dict]:
-    """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps; returns
-    ([(step, {task: acc})...], curves). `cfg.checkpoint_every` must equal `every`."""
-    assert cfg.checkpoint_every == every and cfg.bn_reset_batches == 0
-    partial.unlink(missing_ok=True)
-    pacer = Pacer(streams, net.spec.task_names[0])
-    evals, curves = [], {}
-    stops = list(range(every, cfg.steps, every)) + [cfg.steps]
-    for stop in stops:
-        pacer.stop_at = stop
-        try:
-            curves = calibrate(net, teachers, pacer.streams, cfg, partial_path=partial)
-        except Pause:
-            if not partial.exists():  # the resume point must be the state in memory
-                raise RuntimeError(f"paused at step {stop} without a partial checkpoint at {partial}") from None
-        evals.append((stop, evaluate(net)))
+                         cfg: CalibrateConfig, every: int, evaluate) -> tuple[list, dict]:
+    """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps (and the last);
+    returns ([(step, {task: acc})...], curves). Evaluation runs in eval mode without gradients, so
+    the calibration itself is the one an unobserved run makes."""
+    evals: list = []
+
+    def on_step(step: int, n: ZipperNet) -> None:
+        if step % every == 0 or step == cfg.steps:
+            evals.append((step, evaluate(n)))
+
+    curves = calibrate(net, teachers, streams, cfg, on_step=on_step)
     return evals, curves
 
 
@@ -144,8 +105,8 @@ def steps_to_close(evals: list, teacher_acc: Mapping[str, float], within_pp: flo
     return None
 
 
-def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int,
-            work: Path) -> dict[str, Any]:
+def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int
+            ) -> dict[str, Any]:
     params, layout, teachers, val = ctx["params"], ctx["layout"], ctx["teachers"], ctx["val"]
     t0 = time.perf_counter()
     net = zip_models(teachers, depth, scope=params.zipper.scope, init=init,
@@ -157,8 +118,7 @@ def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateCo
     evaluate = lambda n: evaluate_zipper(n, val)  # noqa: E731
     before = evaluate(net)
     t1 = time.perf_counter()
-    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate,
-                                         work / f"depth_{depth}_{init}.partial.pt")
+    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate)
     t_cal = time.perf_counter() - t1
     evals = [(0, before)] + evals
     row = {"depth": depth, "init": init, "seed": cfg.seed, "targets": targets, "before": before, "after": evals[-1][1],
@@ -183,7 +143,7 @@ def load_context(params: Params, root: str, eval_every: int, inits: list[str]) -
     val = {t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size))
            for t in params.tasks}
     # BN stats are re-estimated in run_one (before the "before" measurement), so calibrate must not redo it.
-    cfg = dataclasses.replace(params.calibrate, checkpoint_every=eval_every, bn_reset_batches=0)
+    cfg = dataclasses.replace(params.calibrate, bn_reset_batches=0)
     return {"params": params, "layout": layout, "teachers": teachers, "val": val, "cfg": cfg, "inits": inits,
             "eval_every": eval_every, "bn_batches": params.calibrate.bn_reset_batches or 10}
 
@@ -210,8 +170,7 @@ def run_unit(depth: int, seed: int) -> list[dict[str, Any]]:
     # Activation matching reads calibration images of every task (as run_zip does).
     align_streams, _ = calibration_streams(params, ctx["layout"], seed=data_seed)
     align_data = [next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
-    with tempfile.TemporaryDirectory(prefix="compare_inits_") as tmp:
-        return [run_one(ctx, depth, init, align_data, cfg, data_seed, Path(tmp)) for init in ctx["inits"]]
+    return [run_one(ctx, depth, init, align_data, cfg, data_seed) for init in ctx["inits"]]
 
 
 def fmt_acc(acc: Mapping[str, float]) -> str:

@@ -11,30 +11,48 @@ this module only wires them together and declares what each one reads and writes
   results persist under `<root>/.prefect-results`, so a second run does no training and a run killed
   at depth k resumes at depth k (and mid-calibration, from the stage's own partial checkpoint);
 - a cached result is used only while the files that task wrote are still there and unchanged: a
-  deleted or edited checkpoint makes its task run again (and, through the hashes, what follows).
+  deleted or edited checkpoint makes its task run again (and, through the hashes, what follows);
+- with `runtime.nproc_per_node > 1` the data-parallel stages (teachers, zip) run as their `zipper`
+  command, which relaunches itself under torchrun, its output streamed to the task's log; every other
+  stage runs in-process with `runtime.threads` torch threads;
+- on Dask, when `runtime.device` names CUDA, the teachers and zip tasks ask for the worker resource
+  `GPU` (= nproc_per_node), so only workers started with `--resources GPU=N` run them.
 """
 from __future__ import annotations
 
 import ast
+import collections
 import json
 import logging
+import math
 import os
+import shlex
+import signal
+import subprocess
+import sys
 import threading
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
 
+import yaml
 from prefect import flow, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
 from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.context import FlowRunContext
+from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
 from prefect.futures import PrefectFuture, as_completed
+from prefect.logging import get_run_logger
 from prefect.task_runners import ThreadPoolTaskRunner
 
+from zipper import runtime as zruntime
 from zipper import stages
+from zipper.cli import DATA_PARALLEL_STAGES
 from zipper.config import Params, load_params
 from zipper.io import sha256_file, sha256_json
+from zipper.runtime import RuntimeConfig
 from zipper.stages import Layout
 
 log = logging.getLogger(__name__)
@@ -43,6 +61,9 @@ FLOW_NAME = "zipper-pipeline"
 RESULTS_DIR = ".prefect-results"  # under the project root: the cache travels with the data it describes
 ZIPPER_SRC = Path(stages.__file__).resolve().parent
 RUNNERS = ("thread", "dask")
+LOOPBACK = "127.0.0.1"  # where a LocalCluster's scheduler and dashboard listen
+DASHBOARD_PORT = 8787  # Dask's usual one; another free port when it is taken
+COMMAND_TAIL = 40  # lines of a failed stage command's output quoted in the task's error
 
 
 # ------------------------------------------------------------------------- what each stage touches
@@ -241,7 +262,7 @@ class StageCache(CachePolicy):
         return sha256_json([key, current])  # storage we cannot delete from: a key of its own for this state
 
 
-# ----------------------------------------------------------------------------------------- tasks
+# ------------------------------------------------------------------------------- task options
 _NOT_TRANSIENT = (FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
@@ -261,46 +282,209 @@ def _done(stage: str, params: Params, layout: Layout, arg: str | int | None = No
     return {"outputs": output_state(stage, params, layout, arg), **extra}
 
 
+def _in_process(params: Params) -> None:
+    """Before a stage runs in this process (a thread of the flow, or a Dask worker): its torch threads."""
+    zruntime.set_threads(params.runtime.threads)
+
+
+# ------------------------------------------------------------- stages as commands (torchrun)
+class StageCommandError(RuntimeError):
+    """A stage run as a `zipper` command exited non-zero (a RuntimeError: not retried)."""
+
+
+def _yaml_value(value: Any) -> str:
+    """One override value as `--set KEY=VALUE` text that `parse_overrides` reads back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def cli_args(params_path: str | os.PathLike, root: str | os.PathLike,
+             overrides: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The options of every `zipper <stage>` command of a flow run: its params file, root and overrides."""
+    args = ["--params", str(Path(params_path).resolve()), "--root", str(Path(root).resolve())]
+    for key, value in (overrides or {}).items():
+        args += ["--set", f"{key}={_yaml_value(value)}"]
+    return tuple(args)
+
+
+def as_command(stage: str, params: Params) -> bool:
+    """Whether the flow runs `stage` as its `zipper` command instead of in-process: the data-parallel
+    stages when runtime.nproc_per_node > 1 (the command relaunches itself under torchrun)."""
+    return stage in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1
+
+
+def stage_command(stage: str, cli: Iterable[str], arg: str | int | None = None) -> list[str]:
+    """`zipper <stage> <cli> [--depth K | --task NAME]`, with this interpreter."""
+    cmd = [sys.executable, "-m", "zipper.cli", stage, *cli]
+    if stage in ("zip", "evaluate"):
+        cmd += ["--depth", str(arg)]
+    elif arg is not None:
+        cmd += ["--task", str(arg)]
+    return cmd
+
+
+def _task_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a task run
+        return log
+
+
+def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter | None = None,
+                tail: int = COMMAND_TAIL) -> None:
+    """Run `cmd`, each line of its output (stdout and stderr) logged as it comes, to the task's run
+    logger by default; raise StageCommandError with its last `tail` lines if it exits non-zero.
+
+    The command runs in a session of its own: a task that is cancelled or interrupted stops it and what
+    it started (torchrun and its workers) instead of leaving them running.
+    """
+    logger = logger or _task_logger()
+    logger.info("running %s", shlex.join(cmd))
+    last: collections.deque[str] = collections.deque(maxlen=tail)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                last.append(line)
+                logger.info("%s", line)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if returncode != 0:
+        raise StageCommandError(f"`{shlex.join(cmd)}` exited with status {returncode}; its last lines:\n"
+                                + "\n".join(last))
+
+
+def _command(stage: str, params: Params, cli: Iterable[str], arg: str | int) -> None:
+    cli = tuple(cli)
+    if not cli:
+        raise ValueError(f"{stage}: runtime.nproc_per_node={params.runtime.nproc_per_node} runs it as a command, "
+                         "which needs the flow run's command-line options (cli=cli_args(...))")
+    run_command(stage_command(stage, cli, arg))
+
+
+# ----------------------------------------------------------------------------------------- tasks
 @task(**_options("data", "data-{name}"))
 def data_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    _in_process(params)
     stages.run_data(params, layout, tasks=[name])
     return _done("data", params, layout, name)
 
 
 @task(**_options("teachers", "teacher-{name}"))
-def teachers_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
-    accs = stages.run_teachers(params, layout, tasks=[name])
-    return _done("teachers", params, layout, name, val_acc=accs[name])
+def teachers_task(params: Params, layout: Layout, name: str, cli: tuple[str, ...] = ()) -> dict[str, Any]:
+    if as_command("teachers", params):
+        _command("teachers", params, cli, name)
+        acc = json.loads(layout.teacher_metrics.read_text())[name]["val_acc"]
+    else:
+        _in_process(params)
+        acc = stages.run_teachers(params, layout, tasks=[name])[name]
+    return _done("teachers", params, layout, name, val_acc=acc)
 
 
 @task(**_options("features", "features-{name}"))
 def features_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
+    _in_process(params)
     stages.run_features(params, layout, tasks=[name])
     return _done("features", params, layout, name)
 
 
 @task(**_options("zip", "zip-depth-{depth}"))
-def zip_task(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
-    stages.run_zip(params, layout, depth)
+def zip_task(params: Params, layout: Layout, depth: int, cli: tuple[str, ...] = ()) -> dict[str, Any]:
+    if as_command("zip", params):
+        _command("zip", params, cli, depth)
+    else:
+        _in_process(params)
+        stages.run_zip(params, layout, depth)
     return _done("zip", params, layout, depth)
 
 
 @task(**_options("evaluate", "evaluate-depth-{depth}"))
 def evaluate_task(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
+    _in_process(params)
     row = stages.run_evaluate(params, layout, depth)
     return _done("evaluate", params, layout, depth, row=row)
 
 
 @task(**_options("report", "report"))
 def report_task(params: Params, layout: Layout) -> dict[str, Any]:
+    _in_process(params)
     markdown = stages.run_report(params, layout)
     return _done("report", params, layout, markdown=markdown)
 
 
 @task(**_options("register", "register"))
 def register_task(params: Params, layout: Layout) -> dict[str, Any]:
+    _in_process(params)
     summary = stages.run_register(params, layout)
     return _done("register", params, layout, summary=summary)
+
+
+# ------------------------------------------------------------------- Dask worker resources (GPUs)
+def task_resources(stage: str, runtime: RuntimeConfig) -> dict[str, int]:
+    """The Dask worker resources a stage's task asks for: {"GPU": nproc_per_node} for the data-parallel
+    stages (teachers, zip) when runtime.device names CUDA, else none. `auto` asks for nothing: the
+    flow cannot know what a remote worker has."""
+    if stage in DATA_PARALLEL_STAGES and runtime.device.startswith("cuda"):
+        return {"GPU": runtime.nproc_per_node}
+    return {}
+
+
+def submit(task_, *args: Any, resources: Mapping[str, float] | None = None, **kwargs: Any) -> PrefectFuture:
+    """`task_.submit(...)`, inside `dask.annotate(resources=...)` when it needs worker resources.
+
+    prefect-dask's client submits through `distributed.Client.submit`, which merges the annotations
+    active at submission (`dask.get_annotations()`) into the task's: the scheduler then runs it only on
+    a worker that declares them (`dask worker ... --resources GPU=1`). Other task runners ignore them.
+    """
+    if not resources:
+        return task_.submit(*args, **kwargs)
+    import dask
+
+    with dask.annotate(resources=dict(resources)):
+        return task_.submit(*args, **kwargs)
+
+
+def check_gpu_workers(task_runner: Any, resources: Mapping[str, float]) -> None:
+    """Fail now rather than wait forever: a task annotated with `resources` runs only on a worker that
+    declares them. A LocalCluster of this flow that lacks them raises; a remote cluster only warns
+    (a worker may still join it)."""
+    if not resources:
+        return
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError:  # pragma: no cover - prefect-dask is a dependency
+        return
+    if not isinstance(task_runner, DaskTaskRunner):
+        return
+    import distributed
+
+    client = task_runner.client
+    try:
+        info = client.scheduler_info(n_workers=-1)  # every worker (newer distributed lists 5 by default)
+    except TypeError:  # older distributed: always every worker
+        info = client.scheduler_info()
+    workers = info.get("workers", {}).values()
+    if any(all(w.get("resources", {}).get(k, 0) >= v for k, v in resources.items()) for w in workers):
+        return
+    want = ",".join(f"{k}={v:g}" for k, v in resources.items())
+    if isinstance(getattr(client, "cluster", None), distributed.LocalCluster):
+        raise ValueError(f"runtime.device asks the teachers and zip tasks for Dask resources {want}, but this "
+                         f"machine's LocalCluster has no such worker (CUDA devices visible: {_visible_gpus()}); "
+                         "set runtime.device to auto or cpu, lower runtime.nproc_per_node, or use --dask-address")
+    log.warning("no worker of the Dask cluster declares %s yet: the teachers and zip tasks wait for one "
+                "(start it with `dask worker ADDRESS --nthreads 1 --resources %s`)", want, want)
 
 
 # ------------------------------------------------------------------------------------ artifacts
@@ -323,10 +507,21 @@ def _progress_text(done: Mapping[str, list[int]], total: int) -> str:
 
 
 # ----------------------------------------------------------------------------------------- flow
+def _visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
 def make_task_runner(runner: str = "thread", dask_address: str | None = None, *, n_workers: int | None = None,
-                     processes: bool = True):
+                     processes: bool = True, gpus: int | None = None):
     """`thread`: a thread pool in this process. `dask`: an existing scheduler at `dask_address`, or a
-    LocalCluster of `n_workers` single-threaded worker processes (torch parallelises inside each)."""
+    LocalCluster of `n_workers` single-threaded worker processes (torch parallelises inside each).
+
+    The LocalCluster listens on the loopback interface only (scheduler and dashboard), and its workers
+    declare the resource `GPU` = `gpus` (default: the CUDA devices this machine has, none without), so
+    that GPU-annotated tasks run on it as they would on a cluster of `dask worker --resources GPU=N`.
+    """
     if runner not in RUNNERS:
         raise ValueError(f"runner: expected one of {RUNNERS}, got {runner!r}")
     if runner == "thread":
@@ -337,9 +532,13 @@ def make_task_runner(runner: str = "thread", dask_address: str | None = None, *,
 
     if dask_address:
         return DaskTaskRunner(address=dask_address)
-    n = n_workers or max(1, min(4, os.cpu_count() or 1))
-    return DaskTaskRunner(cluster_class="distributed.LocalCluster",
-                          cluster_kwargs={"n_workers": n, "threads_per_worker": 1, "processes": processes})
+    n = n_workers if n_workers is not None else max(1, min(4, os.cpu_count() or 1))
+    gpus = _visible_gpus() if gpus is None else gpus
+    cluster_kwargs: dict[str, Any] = {"n_workers": n, "threads_per_worker": 1, "processes": processes,
+                                      "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:{DASHBOARD_PORT}"}
+    if gpus:
+        cluster_kwargs["resources"] = {"GPU": gpus}
+    return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
 
 
 def _default_task_runner():
@@ -356,6 +555,9 @@ def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
     as it exists; report; register. `overrides`: dotted params keys, as `zipper <stage> --set`."""
     params = load_params(params_path, overrides or {})
     layout = Layout(Path(root).resolve())
+    cli = cli_args(params_path, root, overrides)  # for the stages that run as commands (nproc_per_node > 1)
+    gpu = {s: task_resources(s, params.runtime) for s in DATA_PARALLEL_STAGES}
+    check_gpu_workers(FlowRunContext.get().task_runner, gpu["zip"])
     storage = layout.root / RESULTS_DIR  # a Path: Prefect makes it a LocalFileSystem, no saved block needed
     data_t, teachers_t, features_t, zip_t, evaluate_t, report_t, register_t = (
         t.with_options(result_storage=storage)
@@ -365,13 +567,14 @@ def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
     progress = create_progress_artifact(0.0, key="zipper-progress",
                                         description=f"zipper: calibrate and evaluate depths {depths}")
     data = {n: data_t.submit(params, layout, n) for n in params.tasks}
-    teachers = {n: teachers_t.submit(params, layout, n, wait_for=[data[n]]) for n in params.tasks}
+    teachers = {n: submit(teachers_t, params, layout, n, cli, wait_for=[data[n]], resources=gpu["teachers"])
+                for n in params.tasks}
     features = {n: features_t.submit(params, layout, n, wait_for=[teachers[n]]) for n in params.tasks}
     zips: dict[int, PrefectFuture] = {}
     evals: dict[int, PrefectFuture] = {}
     for d in depths:
         after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
-        zips[d] = zip_t.submit(params, layout, d, wait_for=after)
+        zips[d] = submit(zip_t, params, layout, d, cli, wait_for=after, resources=gpu["zip"])
         evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values()])
     report = report_t.submit(params, layout, wait_for=list(evals.values()))
     register = register_t.submit(params, layout, wait_for=[report, *zips.values()])

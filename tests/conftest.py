@@ -7,7 +7,8 @@ import pytest
 import torch
 
 os.environ.setdefault("MPLBACKEND", "Agg")
-torch.set_num_threads(1)  # tiny forwards: threads only add overhead (and thrash on a busy box)
+# Tiny forwards gain nothing from threads; tests/kernel_paths.py sets 2 to change reduction splits.
+torch.set_num_threads(int(os.environ.get("ZIPPER_TEST_THREADS", "1")))
 
 TINY = dict(width=0.25, input_size=32)
 

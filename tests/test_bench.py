@@ -1,10 +1,15 @@
-"""`zipper bench table1` end to end with tiny settings (the real one is MobileNetV1-1.0 at 224 px)."""
+"""`zipper bench table1` and `zipper bench calibrate` end to end with tiny settings (the real ones
+are MobileNetV1-1.0 at 224 px)."""
 from __future__ import annotations
 
 import json
+import math
+import os
 
-
-from zipper import bench
+from zipper import bench, build_model
+from zipper.bench_calibrate import MODES, BenchConfig, parse_workers, write_caches
+from zipper.runtime import CPU
+from zipper.cli import main
 
 REQUIRED = {"depth", "scope", "comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp",
             "paper_comp", "paper_speedup", "paper_memory"}
@@ -29,7 +34,10 @@ def test_table1_runs_end_to_end_and_writes_json(tmp_path, capsys):
 
 
 def test_paper_columns_and_checks():
-    assert len(bench.PAPER_TABLE1) == 14 and bench.PAPER_TABLE1[10] == (1.258, 1.53, 1.37)
+    # One row per depth 0..num_blocks; every ratio starts at 1 and never falls with depth (a typo would).
+    assert sorted(bench.PAPER_TABLE1) == list(range(build_model("mobilenet_v1", 10).num_blocks + 1))
+    columns = list(zip(*(bench.PAPER_TABLE1[d] for d in sorted(bench.PAPER_TABLE1))))
+    assert all(col[0] == 1.0 and list(col) == sorted(col) for col in columns)
     row = lambda d, scope, comp, speed, macs: dict(  # noqa: E731
         depth=d, scope=scope, comp_conv=comp, speedup=speed, macs_ratio=macs,
         paper_comp=bench.PAPER_TABLE1[d][0], paper_speedup=bench.PAPER_TABLE1[d][1])
@@ -39,3 +47,39 @@ def test_paper_columns_and_checks():
     assert all(line.endswith("yes") for line in lines), lines
     rows[1]["speedup"] = 1.5
     assert any("NO" in line for line in bench.check_table1(rows))
+
+
+CALIBRATE_FIELDS = {"mode", "images_per_s", "workers", "device", "precision", "arch", "width", "input_size", "batch",
+                    "channels_last"}
+
+
+def test_bench_calibrate_runs_end_to_end_and_writes_json(tmp_path, capsys):
+    path = tmp_path / "calibrate.json"
+    assert main(["bench", "calibrate", "--arch", "mobilenet_v1", "--width", "0.25", "--input-size", "32",
+                 "--batch", "8", "--steps", "2", "--warmup", "1", "--workers", "0,1", "--device", "cpu",
+                 "--tmp", str(tmp_path), "--json", str(path)]) == 0
+    rows = json.loads(path.read_text())
+    assert sorted({r["mode"] for r in rows}) == sorted(MODES)
+    assert [r["workers"] for r in rows if r["mode"] == "data"] == [0, 1]
+    for r in rows:
+        assert CALIBRATE_FIELDS <= set(r), CALIBRATE_FIELDS - set(r)
+        assert math.isfinite(r["images_per_s"]) and r["images_per_s"] > 0, r
+        assert (r["device"], r["precision"], r["arch"], r["width"], r["input_size"], r["batch"]) == \
+            ("cpu", "fp32", "mobilenet_v1", 0.25, 32, 8)
+    online = next(r for r in rows if r["mode"] == "calibrate_online")
+    assert online["images_per_step"] == 2 * 8  # both tasks' images get a student forward and backward
+    assert next(r for r in rows if r["mode"] == "calibrate_cached")["cache_kib_per_sample"] > 0
+    out = capsys.readouterr().out
+    assert "/ teacher images/s" in out and "goal >= 2" in out
+    assert not list(tmp_path.glob("zipper-bench-calibrate-*"))  # temp shards and caches removed
+
+
+def test_bench_calibrate_skips_a_cache_over_budget(tmp_path):
+    cfg = BenchConfig(width=0.25, input_size=32, batch=8, steps=1, warmup=1, cache_budget_mb=100)
+    shards = {"shapes": tmp_path / "a", "textures": tmp_path / "b"}  # not read: the size decides first
+    reason = write_caches({}, shards, tmp_path, cfg, CPU, per_sample=5 * 2**20)
+    assert isinstance(reason, str) and "over the temp budget of 100 MiB" in reason and "5120 KiB/sample" in reason
+
+
+def test_parse_workers():
+    assert parse_workers("3,N,3") == tuple(dict.fromkeys((3, os.cpu_count())))

@@ -1,4 +1,8 @@
-"""Calibration on generated data: the loss falls and accuracy beats the uncalibrated merge."""
+"""Calibration on generated data: the loss falls and accuracy beats the uncalibrated merge.
+
+The teachers train to convergence (cosine schedule to zero) on tasks easy enough that every
+kernel path gets there, so no assertion depends on where a short run happens to land.
+"""
 from __future__ import annotations
 
 import pytest
@@ -7,16 +11,23 @@ import torch
 import zipper
 from zipper.calibrate import CalibrateConfig, calibrate
 from zipper.evaluate import accuracy
+from zipper.teachers import lr_at
 
 from .conftest import batches, blob_task
 
 SMALL = dict(width=0.25, input_size=16)  # 16 px keeps these training runs to seconds
 
 
-def _train(model, x, y, steps=120):
-    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+pytestmark = pytest.mark.trains
+
+
+def _train(model, x, y, steps=200, lr=0.05):
+    """To convergence: 100% on both tasks under every kernel path we can emulate (120 steps got there too)."""
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     model.train()
-    for _, (xb, yb) in zip(range(steps), batches(x, y, 32)):
+    for step, (xb, yb) in zip(range(steps), batches(x, y, 32)):
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, steps, lr)
         opt.zero_grad()
         torch.nn.functional.cross_entropy(model(xb), yb).backward()
         opt.step()
@@ -42,7 +53,7 @@ def _accuracies(net, val):
 def test_calibration_lowers_loss_and_lifts_accuracy(trained_pair, tmp_path):
     teachers, data, val = trained_pair
     teacher_acc = {t: accuracy(teachers[t], [v]) for t, v in val.items()}
-    assert min(teacher_acc.values()) > 0.9, teacher_acc
+    assert min(teacher_acc.values()) > 0.95, teacher_acc
     net = zipper.zip_models(teachers, 13).eval()
     before = _accuracies(net, val)
     streams = {t: batches(x, y, 32, seed=5) for t, (x, y) in data.items()}
@@ -50,7 +61,8 @@ def test_calibration_lowers_loss_and_lifts_accuracy(trained_pair, tmp_path):
     curves = calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
     after = _accuracies(net, val)
     assert sum(curves["loss"][-10:]) < sum(curves["loss"][:10])
-    assert sum(after.values()) > sum(before.values()) + 0.2, (before, after)
+    # Summed over the two tasks the gain measured 1.45-1.57 across kernel paths and thread counts.
+    assert sum(after.values()) > sum(before.values()) + 1.0, (before, after)
     assert not (tmp_path / "partial.pt").exists()  # removed once the depth is done
 
 

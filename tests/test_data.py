@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -120,6 +121,11 @@ def test_digits_source(tmp_path):
     ({"source": "synthetic", "name": "blobs"}, "'name'"),
     ({"source": "imagefolder"}, "'root'"),
     ({"source": "torchvision", "root": "x"}, "'dataset'"),
+    ({"source": "webdataset", "train": "a.tar", "classes": ["a"]}, "'val'"),
+    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "root": "x"}, "'root'"),
+    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "hflip": "no"}, "'hflip'"),
+    ({"source": "webdataset", "train": 3, "val": "b.tar", "classes": ["a"]}, "'train'"),
+    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": []}, "'classes'"),
 ])
 def test_source_config_errors_name_the_key(tmp_path, source, key):
     with pytest.raises(ValueError, match=key):
@@ -255,6 +261,28 @@ def test_bad_manifest(shapes_dir, tmp_path):
         read_manifest(d)
     (d / "manifest.json").unlink()
     with pytest.raises(ValueError, match="manifest not found"):
+        read_manifest(d)
+
+
+@pytest.mark.parametrize("name", ["/etc/passwd", "../shapes/train-000000.tar", "sub/../../x.tar"])
+def test_manifest_names_outside_the_directory_are_refused(shapes_dir, tmp_path, name):
+    d = copy_dir(shapes_dir, tmp_path / "c")
+    m = json.loads((d / "manifest.json").read_text())
+    m["splits"]["val"]["shards"][1]["name"] = name
+    (d / "manifest.json").write_text(json.dumps(m))
+    error = rf"{d / 'manifest.json'}: shard entry name '{re.escape(name)}' must be a file name inside"
+    for read in (lambda: read_manifest(d, verify=False), lambda: val_batches(d, input_size=32, batch_size=4),
+                 lambda: iter_samples(d, "val", manifest=m).__next__()):
+        with pytest.raises(ValueError, match=error):
+            read()
+
+
+def test_manifest_entry_needs_one_name_or_url(shapes_dir, tmp_path):
+    d = copy_dir(shapes_dir, tmp_path / "c")
+    m = json.loads((d / "manifest.json").read_text())
+    m["splits"]["train"]["shards"][0]["url"] = "http://example.invalid/x.tar"
+    (d / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match="without exactly one name / url"):
         read_manifest(d)
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from itertools import islice
 
@@ -81,6 +82,35 @@ def test_cached_batches_stream(setup):
         torch.testing.assert_close(feats[t], t_feats[t].half().float(), rtol=1e-2, atol=1e-2)
     with pytest.raises(ValueError, match="input_size 32"):
         cached_batches(cache, batch_size=8, seed=0, input_size=64)
+
+
+def test_cached_batches_ranks_and_workers(setup):
+    """Rank slices concatenate to the global batch (targets included), also with DataLoader workers."""
+    _, cache, _ = setup
+
+    def run(**kw):
+        return list(islice(cached_batches(cache, batch_size=8, seed=1, input_size=32, **kw), 4))
+
+    for workers in (0, 2):
+        whole = run(num_workers=workers)
+        parts = [run(num_workers=workers, rank=r, world_size=2) for r in (0, 1)]
+        for (x, y, lg, f), (x0, y0, lg0, f0), (x1, y1, lg1, f1) in zip(whole, *parts):
+            assert len(y0) == 4
+            assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
+            assert torch.equal(torch.cat([lg0, lg1]), lg)
+            assert all(torch.equal(torch.cat([f0[t], f1[t]]), f[t]) for t in f)
+    with pytest.raises(ValueError, match="batch_size 8 must be a positive multiple of world_size 3"):
+        cached_batches(cache, batch_size=8, seed=1, input_size=32, rank=0, world_size=3)
+
+
+def test_cache_manifest_names_stay_inside(setup, tmp_path):
+    _, cache, _ = setup
+    broken = shutil.copytree(cache, tmp_path / "broken")
+    m = json.loads((broken / "manifest.json").read_text())
+    m["shards"][0]["name"] = "../cache/train-000000.tar"
+    (broken / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(ValueError, match=r"manifest.json: shard entry name '\.\./cache/train-000000.tar'"):
+        read_cache_manifest(broken)
 
 
 def test_cache_matches(setup, tmp_path):

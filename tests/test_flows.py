@@ -4,20 +4,30 @@ One temporary project carries the thread-runner tests, with as few full runs as 
 fails at depth 2 (fault injected in-process), the run that resumes it, then a no-op run and a run after
 deleting a checkpoint. A second, smaller project (one depth, few steps) runs on a Dask LocalCluster.
 Wall time on 2 cores: about 3 minutes, most of it the one full pipeline and the Dask cluster.
+
+At scale, without a GPU and without a full run each: GPU-annotated tasks on a real Dask cluster of a
+GPU-declaring and a CPU-only worker (a tiny flow), the LocalCluster's loopback binding, and the
+stages that run as their `zipper` command (torchrun) when runtime.nproc_per_node > 1.
 """
 from __future__ import annotations
 
 import collections
 import json
+import logging
 import shutil
+import sys
 from pathlib import Path
+from urllib.parse import urlparse
 
 import pytest
 import yaml
+from prefect import flow, task
+from prefect.cache_policies import NO_CACHE
 
 from flows import pipeline
 from zipper import stages
 from zipper.config import load_params
+from zipper.runtime import RuntimeConfig
 from zipper.stages import Layout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,6 +234,117 @@ def test_dask_local_cluster_runs_the_flow(prefect_server, tmp_path):
     # Keys computed in the worker processes are the keys computed here: switching runners reruns nothing.
     _, calls = _run(tmp_path, SMALL)
     assert calls == {}, calls
+
+
+@task(cache_policy=NO_CACHE)
+def _worker_name(i: int) -> str:
+    from distributed import get_worker
+
+    return get_worker().name
+
+
+def test_gpu_tasks_run_only_on_workers_that_declare_a_gpu(prefect_server):
+    """A real Dask cluster (in-process workers, TCP on loopback): one worker started as with
+    `--resources GPU=1`, one CPU-only. The flow's own helpers annotate the submissions; no torch on CUDA."""
+    from distributed import Scheduler, SpecCluster, Worker
+
+    cuda, cpu = RuntimeConfig(device="cuda"), RuntimeConfig(device="cpu")
+    assert pipeline.task_resources("zip", cuda) == pipeline.task_resources("teachers", cuda) == {"GPU": 1}
+    assert pipeline.task_resources("teachers", RuntimeConfig(device="cuda:1", nproc_per_node=4)) == {"GPU": 4}
+    assert pipeline.task_resources("evaluate", cuda) == pipeline.task_resources("features", cuda) == {}
+    assert pipeline.task_resources("zip", cpu) == pipeline.task_resources("zip", RuntimeConfig()) == {}  # auto: nothing
+
+    host = {"host": pipeline.LOOPBACK}
+    spec = {"gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}},
+            "cpu": {"cls": Worker, "options": {"nthreads": 1, **host}}}
+    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": f"{pipeline.LOOPBACK}:0", **host}},
+                     workers=spec) as cluster:
+        runner = pipeline.make_task_runner("dask", cluster.scheduler_address)  # as `--dask-address`
+
+        @flow(task_runner=runner)
+        def placement() -> dict[str, list[str]]:
+            from prefect.context import FlowRunContext
+
+            gpu = pipeline.task_resources("zip", cuda)
+            pipeline.check_gpu_workers(FlowRunContext.get().task_runner, gpu)  # there is one: no error
+            on_gpu = [pipeline.submit(_worker_name, i, resources=gpu) for i in range(4)]
+            anywhere = [pipeline.submit(_worker_name, i, resources=pipeline.task_resources("evaluate", cuda))
+                        for i in range(4, 8)]
+            return {"gpu": [f.result() for f in on_gpu], "any": [f.result() for f in anywhere]}
+
+        placed = placement()
+        assert placed["gpu"] == ["gpu"] * 4, placed  # never the CPU-only worker
+        assert set(placed["any"]) <= {"gpu", "cpu"}, placed
+
+
+def test_local_cluster_listens_on_loopback_and_refuses_gpu_tasks_it_cannot_run():
+    """`zipper flow run --runner dask`: scheduler and dashboard bound to 127.0.0.1 (the sockets, not only
+    the advertised link: Dask's default binds the dashboard to every interface); no GPU worker, no wait."""
+    import psutil
+
+    assert pipeline.make_task_runner("dask", gpus=2).cluster_kwargs["resources"] == {"GPU": 2}
+    runner = pipeline.make_task_runner("dask", n_workers=0, gpus=0)  # the CLI's kwargs, without worker processes
+    assert "resources" not in runner.cluster_kwargs
+    with runner:
+        client = runner.client
+        scheduler, dashboard = urlparse(client.scheduler.address), urlparse(client.dashboard_link)
+        assert scheduler.scheme == "tcp" and scheduler.hostname == dashboard.hostname == "127.0.0.1"
+        me = psutil.Process()
+        listening = {c.laddr.port: c.laddr.ip for c in getattr(me, "net_connections", me.connections)(kind="inet")
+                     if c.status == psutil.CONN_LISTEN}
+        assert listening[scheduler.port] == listening[dashboard.port] == "127.0.0.1", listening
+        with pytest.raises(ValueError, match="LocalCluster has no such worker"):
+            pipeline.check_gpu_workers(runner, {"GPU": 1})
+    pipeline.check_gpu_workers(pipeline.ThreadPoolTaskRunner(), {"GPU": 1})  # not Dask: nothing to check
+
+
+def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_path, monkeypatch):
+    """nproc_per_node > 1: teachers and zip run `zipper <stage> ...` (which relaunches under torchrun) with
+    the flow run's params file, root and overrides; otherwise in-process, with runtime.threads."""
+    from zipper import runtime
+    from zipper.cli import build_parser
+    from zipper.config import parse_overrides
+
+    overrides = {"runtime.nproc_per_node": 2, "calibrate.lr": 1e-5, "zipper.chain": {"1": 0}, "tracking.uri": ""}
+    params = load_params(TINY, overrides)
+    layout = Layout(tmp_path)
+    cli = pipeline.cli_args(TINY, tmp_path, overrides)
+    commands, threads, in_process = [], [], []
+    monkeypatch.setattr(pipeline, "run_command", lambda cmd, *a, **k: commands.append(cmd))
+    monkeypatch.setattr(runtime, "set_threads", threads.append)
+    for name in STAGES:
+        monkeypatch.setattr(stages, f"run_{name}", lambda *a, _n=name, **k: in_process.append(_n) or {"shapes": 0.5})
+    layout.teacher_metrics.parent.mkdir(parents=True)
+    layout.teacher_metrics.write_text(json.dumps({"shapes": {"val_acc": 0.75}}))
+
+    assert pipeline.teachers_task.fn(params, layout, "shapes", cli)["val_acc"] == 0.75
+    pipeline.zip_task.fn(params, layout, 1, cli)
+    assert in_process == [] and threads == []
+    for cmd, stage, extra in zip(commands, ("teachers", "zip"), (["--task", "shapes"], ["--depth", "1"])):
+        assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-2:] == extra
+        args = build_parser().parse_args(cmd[3:])  # what the command line will parse
+        assert (Path(args.params), Path(args.root)) == (TINY.resolve(), tmp_path.resolve())
+        assert parse_overrides(args.set) == overrides
+    with pytest.raises(ValueError, match="command-line options"):
+        pipeline.zip_task.fn(params, layout, 1)
+
+    single = load_params(TINY, {"runtime.threads": 3})
+    pipeline.zip_task.fn(single, layout, 1, cli)
+    pipeline.evaluate_task.fn(single, layout, 1)
+    assert in_process == ["zip", "evaluate"] and threads == [3, 3] and len(commands) == 2
+
+
+def test_run_command_streams_its_output_and_fails_with_its_last_lines(caplog):
+    logger = logging.getLogger("zipper.test.command")
+    script = "import sys\nfor i in range(60): print('line', i)\nprint('boom', file=sys.stderr)\nsys.exit(3)"
+    with caplog.at_level(logging.INFO, logger=logger.name):
+        with pytest.raises(pipeline.StageCommandError, match="exited with status 3") as failure:
+            pipeline.run_command([sys.executable, "-c", script], logger)
+        pipeline.run_command([sys.executable, "-c", "print('fine')"], logger)
+    logged = [r.getMessage() for r in caplog.records]
+    assert "line 0" in logged and "boom" in logged and "fine" in logged  # every line, stderr too
+    message = str(failure.value)
+    assert message.endswith("line 59\nboom") and "line 21\n" in message and "line 20\n" not in message
 
 
 # ------------------------------------------------------------------------- no server needed

@@ -1,6 +1,7 @@
 """The real pipeline: `dvc repro` on the tiny params in a temporary git repo, MLflow registry, promote."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -38,6 +39,17 @@ def _ran(output: str) -> set[str]:
     return {line.split("'")[1] for line in output.splitlines() if line.startswith("Running stage '")}
 
 
+def _git(cwd: Path, *args: str) -> str:
+    return _run(cwd, "git", "-c", "user.name=zipper tests", "-c", "user.email=tests@zipper.invalid",
+                "-c", "commit.gpgsign=false", *args)
+
+
+def _digests(path: Path) -> dict[str, str]:
+    """sha256 of a file, or of every file under a directory (by relative path)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.is_file())
+    return {str(p.relative_to(path)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
+
+
 @pytest.fixture(scope="module")
 def project(tmp_path_factory) -> Path:
     """A fresh git + DVC project holding our dvc.yaml, the tiny params and the code the stages depend on."""
@@ -47,6 +59,9 @@ def project(tmp_path_factory) -> Path:
     shutil.copytree(REPO / "zipper", root / "zipper", ignore=shutil.ignore_patterns("__pycache__"))
     _run(root, "git", "init", "-q")
     _run(root, "dvc", "init", "-q")
+    # The repo's own ignore rules: what git commits (and so what a clone gets) and what DVC hashes.
+    shutil.copy(REPO / ".gitignore", root / ".gitignore")
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
     out = _run(root, "dvc", "repro")
     (root / "first_repro.log").write_text(out)
     return root
@@ -98,6 +113,38 @@ def test_promote_and_load_the_champion_with_pyfunc(project):
 def test_second_repro_runs_nothing(project):
     out = _run(project, "dvc", "repro")
     assert _ran(out) == set(), out
+
+
+def test_a_clone_pulls_every_output_from_the_remote_and_reproduces_nothing(project, tmp_path):
+    """Push to a DVC remote, commit, clone: `dvc pull` gives the clone every output and `dvc repro` runs nothing.
+
+    Runs on the project as `dvc repro` left it, so it comes before the tests that change it.
+    """
+    remote = tmp_path / "remote"
+    _run(project, "dvc", "remote", "add", "--default", "--force", "shared", str(remote))
+    _run(project, "dvc", "push")
+    assert "in sync" in _run(project, "dvc", "status", "--cloud")
+    _git(project, "add", "--all")
+    _git(project, "commit", "-q", "-m", "pipeline results")
+
+    clone = tmp_path / "clone"
+    _git(tmp_path, "clone", "-q", str(project), str(clone))  # code, params, dvc.yaml/.lock, metrics, reports
+    _run(clone, "dvc", "pull")
+
+    lock = yaml.safe_load((clone / "dvc.lock").read_text())
+    outs = sorted({o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])})
+    assert {"data/shards", "models/teachers", "data/features", "metrics/teachers.json", "models/zip/depth_3.pt",
+            "metrics/depth_3.json", "reports/table.md", "reports/depths.json", "reports/mlflow.json"} <= set(outs)
+    missing = [o for o in outs if not (clone / o).exists()]
+    assert not missing, (f"a clone cannot get {missing} (neither committed to git nor pushed to the remote): "
+                         "make them cached outputs (no `cache: false`) or commit them")
+    for out in outs:
+        assert _digests(clone / out) == _digests(project / out), out
+
+    status = _run(clone, "dvc", "status")
+    assert "Data and pipelines are up to date" in status, status
+    out = _run(clone, "dvc", "repro")
+    assert "Running stage" not in out and _ran(out) == set(), out
 
 
 def test_deleting_the_last_depth_reruns_only_it_and_what_follows(project):

@@ -2,7 +2,7 @@
 
 MobileNetV1-1.0 at 224 px, two teachers with 1000 and 50 classes, zipped at depths 0..13 under
 both scopes. Random weights (sizes and speed do not depend on training), with BN statistics
-estimated on random images so activations keep a trained network's scale (see `_trained_like_bn`).
+estimated on random images so activations keep a trained network's scale (see `trained_like_bn`).
 Every number comes from `zipper.evaluate.profile`, the function the pipeline's evaluate stage calls.
 """
 from __future__ import annotations
@@ -71,7 +71,7 @@ def table1(repeats: int = 20, json_path: str | None = None, threads: int | None 
     torch.manual_seed(0)
     teachers = {f"task{i}_{n}": build_model(arch, n, width=width, input_size=input_size) for i, n in enumerate(classes)}
     for teacher in teachers.values():
-        _trained_like_bn(teacher, input_size)
+        trained_like_bn(teacher, input_size)
     num_blocks = next(iter(teachers.values())).num_blocks
     bad = [d for d in depths if not 0 <= d <= num_blocks]
     if bad:
@@ -85,7 +85,7 @@ def table1(repeats: int = 20, json_path: str | None = None, threads: int | None 
     configs = [(scope, d) for scope in scopes for d in depths]
     for scope, depth in tqdm(configs, desc="table1 timing", unit="net", file=sys.stderr):
         net = zip_models(teachers, depth, scope=scope)
-        _trained_like_bn(net, input_size)  # as the pipeline does after merging
+        trained_like_bn(net, input_size)  # as the pipeline does after merging
         row = profile(net, teachers, input_size=input_size, batch=batch, repeats=repeats, warmup=warmup,
                       threads=threads, memory=False, teachers_side=side)
         comp, speedup, mem = PAPER_TABLE1.get(depth, (None, None, None)) if paper else (None, None, None)
@@ -114,7 +114,7 @@ def table1(repeats: int = 20, json_path: str | None = None, threads: int | None 
     return rows
 
 
-def _trained_like_bn(model: torch.nn.Module, input_size: int, batch: int = 4) -> None:
+def trained_like_bn(model: torch.nn.Module, input_size: int, batch: int = 4) -> None:
     """BN statistics estimated on random images, then eval mode.
 
     Why: freshly initialised BN (mean 0, var 1) in eval mode lets activations shrink layer by

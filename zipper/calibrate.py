@@ -13,7 +13,7 @@ import math
 import os
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Mapping
+from typing import Callable, Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -23,6 +23,8 @@ from tqdm.auto import tqdm
 from .io import load_torch, save_torch, sha256_json
 from .merge import ZipperNet
 from .merge.bn import reset_bn_stats
+from .parallel import data_parallel, mean_over_processes
+from .runtime import CPU, Runtime, cpu_state
 
 log = logging.getLogger(__name__)
 
@@ -61,12 +63,15 @@ class CalibrateConfig:
 Stream = Iterator[tuple]
 
 
-def teacher_targets(teacher: nn.Module, batch: tuple) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-    """(x, y, teacher logits, teacher taps): from the cache when the batch carries them, else online."""
+def teacher_targets(teacher: nn.Module, batch: tuple, runtime: Runtime = CPU
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    """(x, y, teacher logits, teacher taps) on the runtime's device: from the cache when the batch
+    carries them, else from the teacher's forward (online)."""
+    batch = runtime.batch(batch)
     if len(batch) == 4:
         return batch
     x, y = batch
-    with torch.no_grad():
+    with torch.no_grad(), runtime.autocast():
         logits, feats = teacher.forward_intermediates(x)
     taps = set(teacher.pointwise_taps())
     return x, y, logits, {k: v for k, v in feats.items() if k in taps}
@@ -78,21 +83,23 @@ def task_loss(cfg: CalibrateConfig, logits: torch.Tensor, taps: Mapping[str, tor
     if taps.keys() != t_taps.keys():
         missing = sorted(set(t_taps) ^ set(taps))
         raise KeyError(f"student and teacher taps differ, e.g. layer {missing[0]!r}")
+    logits, t_logits = logits.float(), t_logits.float()  # losses in fp32 under any autocast dtype
     ce = F.cross_entropy(logits, y)
     if cfg.kd_weight:
         T = cfg.kd_temperature
         kd = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(t_logits / T, 1), log_target=True,
                       reduction="batchmean") * T * T
         ce = ce + cfg.kd_weight * kd
-    l1 = sum(F.l1_loss(taps[k], t_taps[k].to(taps[k].dtype)) for k in t_taps)
+    l1 = sum(F.l1_loss(taps[k].float(), t_taps[k].float()) for k in t_taps)
     return ce, l1
 
 
-def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int) -> None:
+def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int, runtime: Runtime = CPU) -> None:
     """Re-estimate BN running stats on `batches` steps of calibration data, the tasks mixed as in
     calibration (`forward_per_task`)."""
-    steps = ({t: next(streams[t])[0] for t in net.spec.task_names} for _ in range(batches))
-    reset_bn_stats(net, steps, net.forward_per_task, max_batches=batches)
+    steps = ({t: runtime.tensor(next(streams[t])[0]) for t in net.spec.task_names} for _ in range(batches))
+    with runtime.autocast():
+        reset_bn_stats(net, steps, net.forward_per_task, max_batches=batches)
 
 
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -113,58 +120,59 @@ def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer,
     return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
-def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
-              cfg: CalibrateConfig, *, partial_path: str | os.PathLike | None = None) -> dict[str, list[float]]:
-    """Calibrate `net` in place; returns per-step curves {loss, ce, distill, lr}.
+StepCallback = Callable[[int, ZipperNet], None]
 
-    With `partial_path`, a resumable checkpoint is written every `cfg.checkpoint_every` steps and
-    picked up by a rerun with the same config; a non-finite loss stops with an error and leaves
-    that last good checkpoint in place.
+
+def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
+              cfg: CalibrateConfig, *, partial_path: str | os.PathLike | None = None, runtime: Runtime = CPU,
+              resume_key: Mapping[str, object] | None = None, on_step: StepCallback | None = None
+              ) -> dict[str, list[float]]:
+    """Calibrate `net` in place on `runtime`'s device (left on the CPU after); returns per-step
+    curves {loss, ce, distill, lr} of the global batch.
+
+    With `partial_path`, a resumable checkpoint is written every `cfg.checkpoint_every` steps
+    (by the main process) and picked up by a rerun whose config, net and `resume_key` (what else
+    determines the result: start checkpoint, teachers, targets) match; the rerun fast-forwards
+    the streams and restores the RNG, so it ends where an uninterrupted run ends. A non-finite
+    loss stops with an error and leaves that last good checkpoint in place. Under torch.distributed
+    each process holds its rows of every global batch (`zipper.parallel`). `on_step(step, net)`
+    runs after every optimizer step (evaluation, early stopping).
     """
     torch.manual_seed(cfg.seed)
     for t in teachers.values():
-        t.eval().requires_grad_(False)
-    tasks = net.spec.task_names
+        runtime.module(t).eval().requires_grad_(False)
+    runtime.module(net)
     params = list(net.parameters())
     opt, sched = make_optimizer(cfg, params)
+    scaler = runtime.grad_scaler()
     curves: dict[str, list[float]] = {"loss": [], "ce": [], "distill": [], "lr": []}
-    key = sha256_json({"cfg": asdict(cfg), "spec": asdict(net.spec)})
-    start = _resume(partial_path, key, net, opt, sched, curves)
-    if start == 0 and cfg.bn_reset_batches:
-        reset_bn_on_streams(net, streams, cfg.bn_reset_batches)
-    net.train()
-    bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
-               disable=None, leave=False)
-    for step in bar:
-        opt.zero_grad(set_to_none=True)
-        batches = {t: teacher_targets(teachers[t], next(streams[t])) for t in tasks}
-        logits, taps = net.forward_per_task({t: b[0] for t, b in batches.items()})
-        loss, ce_sum, l1_sum = 0.0, 0.0, 0.0
-        for t, (_x, y, t_logits, t_taps) in batches.items():
-            ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, net.in_student_order(t, t_taps))
-            total = ce + cfg.distill_weight * l1
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite calibration loss at depth {net.depth}, step {step}, task {t!r} "
-                    f"(ce={ce.item()}, l1={l1.item()}); last good checkpoint: {partial_path or 'none kept'} "
-                    f"- lower calibrate.lr or raise calibrate.grad_clip")
-            loss = loss + total
-            ce_sum, l1_sum = ce_sum + ce.item(), l1_sum + l1.item()
-        loss.backward()
-        if cfg.grad_clip:
-            nn.utils.clip_grad_norm_(params, cfg.grad_clip)
-        curves["lr"].append(opt.param_groups[0]["lr"])
-        opt.step()
-        sched.step()
-        curves["ce"].append(ce_sum)
-        curves["distill"].append(l1_sum)
-        curves["loss"].append(ce_sum + cfg.distill_weight * l1_sum)
-        bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
-        if partial_path and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-            save_torch({"key": key, "step": step + 1, "net": net.state_dict(), "opt": opt.state_dict(),
-                        "sched": sched.state_dict(), "curves": curves}, partial_path)
-    net.eval()
-    if partial_path:
+    key = sha256_json({"cfg": asdict(cfg), "spec": asdict(net.spec), "inputs": dict(resume_key or {}),
+                       "world_size": runtime.world_size})
+    with data_parallel(net, runtime, "forward_per_task") as forward:
+        start = _resume(partial_path, key, net, opt, sched, scaler, curves)
+        if start:  # the streams and RNG where the interrupted run had them
+            _skip(streams, cfg.bn_reset_batches + start)
+        elif cfg.bn_reset_batches:
+            reset_bn_on_streams(net, streams, cfg.bn_reset_batches, runtime)
+        net.train()
+        bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
+                   disable=None if runtime.is_main else True, leave=False)
+        for step in bar:
+            ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path)
+            curves["lr"].append(opt.param_groups[0]["lr"])
+            sched.step()
+            curves["ce"].append(ce_sum)
+            curves["distill"].append(l1_sum)
+            curves["loss"].append(ce_sum + cfg.distill_weight * l1_sum)
+            bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
+            if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
+                save_torch({"key": key, "step": step + 1, "net": cpu_state(net), "opt": opt.state_dict(),
+                            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "curves": curves,
+                            "rng": torch.get_rng_state()}, partial_path)
+            if on_step is not None:
+                on_step(step + 1, net)
+    net.eval().cpu()
+    if partial_path and runtime.is_main:
         Path(partial_path).unlink(missing_ok=True)
     if curves["loss"]:
         log.info("depth %d calibrated: loss %.4f -> %.4f over %d steps", net.depth, curves["loss"][0],
@@ -172,17 +180,55 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
     return curves
 
 
-def _resume(partial_path, key: str, net: ZipperNet, opt, sched, curves: dict) -> int:
+def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
+          cfg: CalibrateConfig, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
+          step: int, partial_path) -> tuple[float, float]:
+    """One optimizer step on one batch per task; returns the global batch's (ce, distill) sums."""
+    opt.zero_grad(set_to_none=True)
+    batches = {t: teacher_targets(teachers[t], next(streams[t]), runtime) for t in net.spec.task_names}
+    with runtime.autocast():
+        logits, taps = forward({t: b[0] for t, b in batches.items()})
+    loss, parts = 0.0, []
+    for t, (_x, y, t_logits, t_taps) in batches.items():
+        ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, net.in_student_order(t, t_taps))
+        loss = loss + ce + cfg.distill_weight * l1
+        parts += [ce.detach(), l1.detach()]
+    # One reduction per step: every process sees the same values, so all stop together on a bad loss.
+    values = mean_over_processes(torch.stack(parts).tolist(), runtime)
+    if not all(math.isfinite(v) for v in values):
+        bad = net.spec.task_names[next(i for i, v in enumerate(values) if not math.isfinite(v)) // 2]
+        raise FloatingPointError(
+            f"non-finite calibration loss at depth {net.depth}, step {step}, task {bad!r} "
+            f"(ce, l1 per task: {values}); last good checkpoint: {partial_path or 'none kept'} "
+            f"- lower calibrate.lr or raise calibrate.grad_clip")
+    scaler.scale(loss).backward()
+    if cfg.grad_clip:
+        scaler.unscale_(opt)
+        nn.utils.clip_grad_norm_(net.parameters(), cfg.grad_clip)
+    scaler.step(opt)
+    scaler.update()
+    return sum(values[0::2]), sum(values[1::2])
+
+
+def _skip(streams: Mapping[str, Stream], batches: int) -> None:
+    for stream in streams.values():
+        for _ in range(batches):
+            next(stream)
+
+
+def _resume(partial_path, key: str, net: ZipperNet, opt, sched, scaler, curves: dict) -> int:
     """Load a matching partial checkpoint; return the step to start from."""
     if not partial_path or not Path(partial_path).exists():
         return 0
     state = load_torch(partial_path)
     if state.get("key") != key:
-        log.warning("ignoring %s: written by another calibration config", partial_path)
+        log.warning("discarding %s: written by a calibration with other inputs or settings", partial_path)
         return 0
     net.load_state_dict(state["net"])
     opt.load_state_dict(state["opt"])
     sched.load_state_dict(state["sched"])
+    scaler.load_state_dict(state["scaler"])
+    torch.set_rng_state(state["rng"])
     curves.update(state["curves"])
     log.info("resuming calibration of depth %d at step %d from %s", net.depth, state["step"], partial_path)
     return int(state["step"])

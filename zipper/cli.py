@@ -26,18 +26,40 @@ def _layout(args: argparse.Namespace):
     return Layout(Path(args.root))
 
 
-def _stage(name: str):
-    def run(args: argparse.Namespace) -> None:
-        from . import stages
+DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train; the rest run in one process
 
+
+def _stage(name: str):
+    def run(args: argparse.Namespace) -> int | None:
+        from . import runtime, stages
+
+        params = _params(args)
+        runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
+        if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
+            return _torchrun(params.runtime.nproc_per_node, args.argv)
+        if name not in DATA_PARALLEL_STAGES and runtime.launched_by_torchrun():
+            raise ValueError(f"zipper {name} runs in one process; launch only {' and '.join(DATA_PARALLEL_STAGES)} "
+                             "under torchrun")
         fn = getattr(stages, f"run_{name}")
         extra = {"depth": args.depth} if hasattr(args, "depth") else {}
         if getattr(args, "task", None):
             extra["tasks"] = args.task
-        result = fn(_params(args), _layout(args), **extra)
+        with runtime.distributed(params.runtime):
+            result = fn(params, _layout(args), **extra)
         if isinstance(result, str):
             print(result)
+        return None
     return run
+
+
+def _torchrun(nproc: int, argv: list[str]) -> int:
+    """Run this very command under torchrun with `nproc` processes on this machine (runtime.nproc_per_node)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "-m", "zipper.cli", *argv]
+    logging.getLogger(__name__).info("launching %d data-parallel processes: %s", nproc, " ".join(cmd))
+    return subprocess.run(cmd).returncode
 
 
 def _promote(args: argparse.Namespace) -> None:
@@ -52,6 +74,17 @@ def _bench(args: argparse.Namespace) -> None:
     bench.table1(repeats=args.repeats, json_path=args.json, threads=args.threads, batch=args.batch)
 
 
+def _bench_calibrate(args: argparse.Namespace) -> None:
+    from .bench_calibrate import BenchConfig, parse_workers, run
+    from .runtime import RuntimeConfig
+
+    cfg = BenchConfig(arch=args.arch, width=args.width, input_size=args.input_size, batch=args.batch, depth=args.depth,
+                      steps=args.steps, warmup=args.warmup, data_workers=parse_workers(args.workers),
+                      step_workers=args.step_workers, samples=args.samples, cache_budget_mb=args.cache_budget_mb)
+    runtime = RuntimeConfig(device=args.device, precision=args.precision, channels_last=args.channels_last)
+    run(cfg, runtime, threads=args.threads, json_path=args.json, tmp_dir=args.tmp)
+
+
 def _flow(args: argparse.Namespace) -> None:
     from flows import pipeline
 
@@ -62,14 +95,39 @@ def _flow(args: argparse.Namespace) -> None:
         pipeline.serve(args.params, args.root, overrides, cron=args.cron, name=args.name)
 
 
+def _add_bench_calibrate(bench_sub) -> None:
+    cal = bench_sub.add_parser("calibrate", help="images/s of teacher steps, calibration steps (online and cached "
+                               "targets) and the data path on one device")
+    cal.add_argument("--arch", default="mobilenet_v1")
+    cal.add_argument("--width", type=float, default=1.0)
+    cal.add_argument("--input-size", type=int, default=224)
+    cal.add_argument("--batch", type=int, default=64, help="images per task per step (default: 64)")
+    cal.add_argument("--depth", type=int, help="zipped depth being calibrated (default: half the blocks)")
+    cal.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps (default: auto)")
+    cal.add_argument("--precision", default="auto", help="autocast dtype: auto, fp32, bf16 or fp16 (default: auto)")
+    cal.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    cal.add_argument("--workers", default="0,2,N",
+                     help="loader worker counts for the data path; N = all cpus (default: 0,2,N)")
+    cal.add_argument("--step-workers", type=int, help="loader workers of the timed steps (default: 0 on CPU, "
+                     "else min(8, cpus))")
+    cal.add_argument("--steps", type=int, default=10, help="timed steps per mode (default: 10)")
+    cal.add_argument("--warmup", type=int, default=2, help="untimed steps first (default: 2)")
+    cal.add_argument("--samples", type=int, help="train images per task (default: batch x (warmup + steps))")
+    cal.add_argument("--cache-budget-mb", type=float, default=2048.0,
+                     help="temp space for the feature caches; over it the cached mode is skipped (default: 2048)")
+    cal.add_argument("--threads", type=int, default=0, help="torch threads (default: 0, torch's default)")
+    cal.add_argument("--tmp", help="where the temp shards and caches go (default: the system temp dir)")
+    cal.add_argument("--json", help="also write the rows as JSON here")
+    cal.set_defaults(func=_bench_calibrate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="zipper", description="Merge same-architecture CNNs by zippering.")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("--root", default=".", help="project root holding data/, models/, metrics/, reports/")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.steps=50")
-    common.add_argument("--threads", type=int, default=1,
-                        help="torch threads (default 1: small nets gain little from more, and busy machines thrash)")
+    common.add_argument("--threads", type=int, help="torch threads per process (default: runtime.threads)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stage_help = {"data": "shard each task's source into WebDataset tars", "teachers": "train or import the teachers",
@@ -99,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     t1.add_argument("--threads", type=int, help="torch threads while timing (default: 1)")
     t1.add_argument("--batch", type=int, default=1, help="images per forward pass (default: 1, the deployment case)")
     t1.set_defaults(func=_bench)
+    _add_bench_calibrate(bench_sub)
 
     flow_p = sub.add_parser("flow", help="the pipeline as a Prefect flow")
     flow_sub = flow_p.add_subparsers(dest="flow_command", required=True)
@@ -116,17 +175,14 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("httpx").setLevel(logging.WARNING)  # Prefect's client logs every request otherwise
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = build_parser().parse_args(argv)
-    if getattr(args, "threads", None) and args.command != "bench":
-        import torch
-
-        torch.set_num_threads(args.threads)
+    args.argv = argv
     try:
-        args.func(args)
+        return args.func(args) or 0
     except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
         print(f"zipper: error: {e}", file=sys.stderr)
         return 2
-    return 0
 
 
 if __name__ == "__main__":

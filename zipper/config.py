@@ -18,6 +18,7 @@ from .calibrate import CalibrateConfig
 from .io import sha256_json
 from .merge import INITS, SCOPES
 from .models import ARCHS
+from .runtime import RuntimeConfig
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,7 @@ class Params:
     calibrate: CalibrateConfig = field(default_factory=CalibrateConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
     @property
     def tasks(self) -> list[str]:

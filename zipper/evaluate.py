@@ -18,13 +18,19 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .runtime import CPU, Runtime
+
 
 @torch.no_grad()
-def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> float:
-    """Top-1 accuracy in [0, 1] of `predict(x) -> logits` over (x, y) batches."""
+def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+             runtime: Runtime = CPU) -> float:
+    """Top-1 accuracy in [0, 1] of `predict(x) -> logits` over (x, y) batches, computed on `runtime`'s
+    device (where `predict`'s model must be)."""
     correct = total = 0
     for x, y in batches:
-        correct += (predict(x).argmax(1) == y).sum().item()
+        x, y = runtime.batch((x, y))
+        with runtime.autocast():
+            correct += (predict(x).argmax(1) == y).sum().item()
         total += len(y)
     if total == 0:
         raise ValueError("accuracy over an empty set of batches")
@@ -33,8 +39,8 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[
 
 # ---------------------------------------------------------------- per-task accuracy
 
-def evaluate_zipper(net: nn.Module, val_batches_by_task: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor]]]
-                    ) -> dict[str, float]:
+def evaluate_zipper(net: nn.Module, val_batches_by_task: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor]]],
+                    runtime: Runtime = CPU) -> dict[str, float]:
     """Per-task top-1 of a multi-task net (`net(x) -> {task: logits}`), each task on its own batches."""
     tasks = _task_names(net)
     unknown = [t for t in val_batches_by_task if tasks is not None and t not in tasks]
@@ -43,7 +49,8 @@ def evaluate_zipper(net: nn.Module, val_batches_by_task: Mapping[str, Iterable[t
     # Only the asked task's branch runs when the net can do that (ZipperNet.forward_tasks).
     only = getattr(net, "forward_tasks", None)
     with _eval_mode(net):
-        return {task: accuracy((lambda x, t=task: only(x, [t])[t]) if only else (lambda x, t=task: net(x)[t]), batches)
+        return {task: accuracy((lambda x, t=task: only(x, [t])[t]) if only else (lambda x, t=task: net(x)[t]), batches,
+                               runtime)
                 for task, batches in val_batches_by_task.items()}
 
 
@@ -396,6 +403,40 @@ def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: in
             raise ValueError("teachers_side has no teacher_peak_bytes; compute it with teacher_stats(memory=True)")
         row.update(memory_ratio(describe_zipper(net), side["teacher_peak_bytes"], batch=batch, threads=threads or 1))
     return row
+
+
+@torch.no_grad()
+def throughput(net: nn.Module, teachers: Mapping[str, nn.Module], runtime: Runtime, *, batch: int = 256,
+               repeats: int = 20, input_size: int | None = None) -> dict[str, float]:
+    """Images/s of `net` and of the teachers one after the other on an accelerator, at a batch
+    that fills it (the serving case; CPU latency at batch 1 stays the deployment measure)."""
+    size = input_size or _input_size(net)
+    x = runtime.tensor(torch.randn(batch, 3, size, size))
+    models = [runtime.module(m).eval() for m in (net, *teachers.values())]
+
+    def per_second(fns: list[nn.Module]) -> float:
+        with runtime.autocast():
+            for _ in range(3):  # warm-up: kernel selection, allocator
+                [f(x) for f in fns]
+            _synchronize(runtime)
+            t0 = time.perf_counter()
+            for _ in range(repeats):
+                [f(x) for f in fns]
+            _synchronize(runtime)
+        return batch * repeats / (time.perf_counter() - t0)
+
+    zipped, side = per_second(models[:1]), per_second(models[1:])
+    for m in models:
+        m.cpu()
+    return {"throughput_zipper": zipped, "throughput_teachers": side, "throughput_ratio": zipped / side,
+            "throughput_batch": batch, "throughput_device": str(runtime.device), "throughput_precision": runtime.precision}
+
+
+def _synchronize(runtime: Runtime) -> None:
+    if runtime.device.type == "cuda":
+        torch.cuda.synchronize(runtime.device)
+    elif runtime.device.type == "mps":
+        torch.mps.synchronize()
 
 
 def memory_ratio(desc: ModelDesc, teacher_peak_bytes: int, *, batch: int = 1, threads: int = 1) -> dict[str, float]:

@@ -8,12 +8,14 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .config import Params
 from .io import sha256_file, write_json, write_text
+from .runtime import CPU, Runtime
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +75,7 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
     from .teachers import import_teacher, save_teacher, train_teacher
 
     cfg = params.teachers
+    runtime = Runtime.from_config(params.runtime)
     accs = {}
     for task in tasks or params.tasks:
         manifest = read_manifest(layout.shards(task))
@@ -80,20 +83,26 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
         if task in cfg.checkpoints:
             model = import_teacher(cfg.checkpoints[task], arch=cfg.arch, num_classes=len(classes), width=cfg.width,
                                    input_size=cfg.input_size)
-            acc = accuracy(model, val_batches(layout.shards(task), input_size=cfg.input_size, batch_size=256))
+            acc = accuracy(runtime.module(model), val_batches(layout.shards(task), input_size=cfg.input_size,
+                                                               batch_size=256, world_size=1), runtime)
+            model.cpu()
             origin = {"imported_from": str(cfg.checkpoints[task]), "imported_sha256": sha256_file(cfg.checkpoints[task])}
         else:
             model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width, input_size=cfg.input_size,
                                        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                        weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                       seed=cfg.seed + params.tasks.index(task), augment=cfg.augment)
+                                       seed=cfg.seed + params.tasks.index(task), augment=cfg.augment,
+                                       runtime=runtime)
             origin = {}
+        accs[task] = acc
+        if not runtime.is_main:
+            continue
         save_teacher(model, layout.teacher(task), task=task, classes=classes, val_acc=acc, provenance={
             "params.teachers": params.section_hash("teachers"),
             "shards_manifest_sha256": sha256_file(layout.shards(task) / "manifest.json"), **origin})
         log.info("teacher %s: val accuracy %.2f%%", task, 100 * acc)
-        accs[task] = acc
-    _update_json(layout.teacher_metrics, {t: {"val_acc": a} for t, a in accs.items()})
+    if runtime.is_main:
+        _update_json(layout.teacher_metrics, {t: {"val_acc": a} for t, a in accs.items()})
     return accs
 
 
@@ -113,34 +122,55 @@ def load_teachers(params: Params, layout: Layout) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------- features
+ONLINE = "ONLINE"  # the note a features output holds instead of a cache (disabled, or over budget)
+
+
 def run_features(params: Params, layout: Layout, tasks: list[str] | None = None) -> None:
     """Cache each teacher's calibration targets (logits + pointwise taps) next to its images."""
-    from .data.features import write_feature_cache
+    from .data.features import OverBudget, write_feature_cache
     from .teachers import load_teacher
 
+    runtime = Runtime.from_config(params.runtime)
     for task in tasks or params.tasks:
         out = layout.features(task)
         if not params.features.enabled:
-            write_text(out / "DISABLED", "features.enabled is false: calibration computes teacher targets online\n")
+            _features_online(out, "features.enabled is false")
             continue
         teacher, _ = load_teacher(layout.teacher(task))
-        write_feature_cache(teacher, layout.shards(task), out, input_size=params.teachers.input_size,
-                            batch_size=params.features.batch_size, budget_mb=params.features.budget_mb,
-                            teacher_sha256=sha256_file(layout.teacher(task)))
+        try:
+            write_feature_cache(teacher, layout.shards(task), out, input_size=params.teachers.input_size,
+                                batch_size=params.features.batch_size, budget_mb=params.features.budget_mb,
+                                teacher_sha256=sha256_file(layout.teacher(task)), runtime=runtime)
+        except OverBudget as e:  # at scale the cache is far larger than the data: step aside, do not fail
+            log.warning("%s: calibration computes teacher targets online", e)
+            _features_online(out, str(e))
 
 
-def calibration_streams(params: Params, layout: Layout, seed: int) -> tuple[dict[str, Iterator], str]:
-    """Per task: cached targets when a matching cache exists, else online (augmented) batches."""
+def _features_online(out: Path, reason: str) -> None:
+    """Leave a note instead of a cache; an earlier cache there must not be picked up again."""
+    from .data.features import MANIFEST
+
+    if (out / MANIFEST).exists() or (out / ONLINE).exists():
+        shutil.rmtree(out)
+    write_text(out / ONLINE, f"{reason}: calibration computes teacher targets online\n")
+
+
+def calibration_streams(params: Params, layout: Layout, seed: int, runtime: Runtime = CPU
+                        ) -> tuple[dict[str, Iterator], str]:
+    """Per task: cached targets when a matching cache exists, else online (augmented) batches;
+    this process's rows of every global batch."""
     from .data import train_batches
     from .data.features import cache_matches, cached_batches
 
-    size, bs = params.teachers.input_size, params.calibrate.batch_size
+    size = params.teachers.input_size
+    loader = dict(batch_size=params.calibrate.batch_size, seed=seed, num_workers=runtime.num_workers,
+                  rank=runtime.rank, world_size=runtime.world_size, pin_memory=runtime.pin_memory)
     cached = params.features.enabled and all(
         cache_matches(layout.features(t), sha256_file(layout.teacher(t)), shard_dir=layout.shards(t), input_size=size)
         for t in params.tasks)
     if cached:
-        return {t: cached_batches(layout.features(t), batch_size=bs, seed=seed, input_size=size) for t in params.tasks}, "cache"
-    return {t: train_batches(layout.shards(t), input_size=size, batch_size=bs, augment=params.teachers.augment, seed=seed)
+        return {t: cached_batches(layout.features(t), input_size=size, **loader) for t in params.tasks}, "cache"
+    return {t: train_batches(layout.shards(t), input_size=size, augment=params.teachers.augment, **loader)
             for t in params.tasks}, "online"
 
 
@@ -152,9 +182,12 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     from .merge import load as load_zipper
 
     teachers = load_teachers(params, layout)
+    runtime = Runtime.from_config(params.runtime)
     provenance = {"params.zipper": params.section_hash("zipper"),
                   **{f"teacher.{t}.sha256": sha256_file(layout.teacher(t)) for t in params.tasks}}
     if depth == 0:
+        if not runtime.is_main:
+            return
         side_by_side(teachers, params.zipper.scope).save(layout.zipped(0), **provenance)
         write_json(layout.curves(0), {"depth": 0, "targets": None, "loss": [], "ce": [], "distill": [], "lr": []})
         return
@@ -163,17 +196,22 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     if prev.spec.scope != params.zipper.scope:
         raise ValueError(f"{prev_path}: made with scope {prev.spec.scope!r} but zipper.scope is "
                          f"{params.zipper.scope!r}; rerun from depth 0")
-    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth)
+    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth, runtime=runtime)
     if params.zipper.init == "average":
         net = deepen(prev, depth)
     else:
         from .merge.align import deepen_aligned
 
         align_data = [next(streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
-        net = deepen_aligned(prev, depth, params.zipper.init, batches=align_data)
-    log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets",
-             depth, prev_path.name, params.zipper.init, targets)
-    curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth))
+        net = deepen_aligned(runtime.module(prev), depth, params.zipper.init, batches=align_data).cpu()
+    log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets on %s",
+             depth, prev_path.name, params.zipper.init, targets, runtime.describe())
+    # What else decides the result: a partial checkpoint made from other inputs must not be resumed.
+    resume_key = {**provenance, "prev_sha256": sha256_file(prev_path), "targets": targets}
+    curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth), runtime=runtime,
+                       resume_key=resume_key)
+    if not runtime.is_main:
+        return
     net.save(layout.zipped(depth), **provenance, **{"params.calibrate": params.section_hash("calibrate")},
              prev_sha256=sha256_file(prev_path), targets=targets)
     write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves})
@@ -183,15 +221,20 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
     from .data import val_batches
-    from .evaluate import evaluate_zipper, profile
+    from .evaluate import evaluate_zipper, profile, throughput
     from .merge import load as load_zipper
 
     net = load_zipper(layout.zipped(depth)).eval()
     teachers = load_teachers(params, layout)
     cfg = params.evaluate
-    val = {t: val_batches(layout.shards(t), input_size=params.teachers.input_size, batch_size=cfg.batch_size)
+    runtime = Runtime.from_config(params.runtime)
+    val = {t: val_batches(layout.shards(t), input_size=params.teachers.input_size, batch_size=cfg.batch_size,
+                          num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
            for t in params.tasks}
-    acc = evaluate_zipper(net, val)
+    acc = evaluate_zipper(runtime.module(net), val, runtime)
+    net.cpu()
+    # CPU batch-1 latency is the deployment measure; on an accelerator, serving throughput beside it.
+    gpu = throughput(net, teachers, runtime, batch=cfg.batch_size) if runtime.device.type != "cpu" else {}
     teacher_acc = {t: v["val_acc"] for t, v in json.loads(layout.teacher_metrics.read_text()).items() if t in acc}
     drop = {t: 100 * (teacher_acc[t] - acc[t]) for t in acc}
     prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory)
@@ -201,7 +244,7 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
            "final_loss": curves["loss"][-1] if curves["loss"] else None,
            **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
                                    "speedup", "latency_teachers_ms", "latency_zipper_ms")},
-           "memory_comp": prof.get("memory_comp")}
+           "memory_comp": prof.get("memory_comp"), **gpu}
     write_json(layout.metrics(depth), row)
     log.info("depth %d: acc %s, max drop %.2f pp, speedup %.2fx", depth,
              {t: f"{100 * a:.1f}%" for t, a in acc.items()}, row["max_drop_pp"], row["speedup"])

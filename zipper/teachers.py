@@ -20,6 +20,8 @@ from .data import read_manifest, train_batches, val_batches
 from .evaluate import accuracy
 from .io import load_torch, save_torch
 from .models import Backbone, build_model, torchvision_key
+from .parallel import data_parallel
+from .runtime import CPU, Runtime, cpu_state
 
 log = logging.getLogger(__name__)
 
@@ -37,40 +39,51 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 
 def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, input_size: int, steps: int,
                   batch_size: int, lr: float, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
-                  augment: bool = True, label_smoothing: float = 0.0, num_workers: int = 0) -> tuple[Backbone, float]:
-    """Train `arch` from scratch on the shards' train split (SGD + Nesterov, warm-up + cosine LR).
+                  augment: bool = True, label_smoothing: float = 0.0, runtime: Runtime = CPU) -> tuple[Backbone, float]:
+    """Train `arch` from scratch on the shards' train split (SGD + Nesterov, warm-up + cosine LR) on
+    `runtime`'s device and precision; data-parallel under torch.distributed (`batch_size` is global).
 
-    Returns the model (eval mode) and its top-1 accuracy on the val split.
+    Returns the model (eval mode, on the CPU) and its top-1 accuracy on the val split.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
         raise ValueError(f"teacher training needs steps >= 1, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})")
     manifest = read_manifest(shard_dir)
     torch.manual_seed(seed)
-    model = build_model(arch, len(manifest["classes"]), width=width, input_size=input_size)
+    model = runtime.module(build_model(arch, len(manifest["classes"]), width=width, input_size=input_size))
     decay, no_decay = [], []
     for name, p in model.named_parameters():  # no weight decay on BN and biases (standard for small nets)
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                           lr=lr, momentum=momentum, nesterov=momentum > 0)
+    scaler = runtime.grad_scaler()
     batches = train_batches(shard_dir, input_size=input_size, batch_size=batch_size, augment=augment, seed=seed,
-                            num_workers=num_workers)
+                            num_workers=runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size,
+                            pin_memory=runtime.pin_memory)
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"teacher {manifest['task']}", unit="step", mininterval=5)
-    for step in bar:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, lr)
-        x, y = next(batches)
-        loss = F.cross_entropy(model(x), y, label_smoothing=label_smoothing)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        if step % 50 == 0 or step == steps - 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
+    bar = tqdm(range(steps), desc=f"teacher {manifest['task']}", unit="step", mininterval=5,
+               disable=None if runtime.is_main else True)
+    with data_parallel(model, runtime) as forward:
+        for step in bar:
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, steps, lr)
+            x, y = runtime.batch(next(batches))
+            with runtime.autocast():
+                logits = forward(x)
+            loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            opt.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(opt)
+            scaler.update()
+            if step % 50 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{loss.item():.3f}")
     model.eval()
-    acc = accuracy(model, val_batches(shard_dir, input_size=input_size, batch_size=max(batch_size, 128)))
-    log.info("teacher %s: %d steps in %.0f s, val accuracy %.2f%%", manifest["task"], steps, time.perf_counter() - t0, 100 * acc)
-    return model, acc
+    val = val_batches(shard_dir, input_size=input_size, batch_size=max(batch_size, 128), world_size=1,
+                      num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
+    acc = accuracy(model, val, runtime)
+    log.info("teacher %s: %d steps in %.0f s on %s, val accuracy %.2f%%", manifest["task"], steps,
+             time.perf_counter() - t0, runtime.describe(), 100 * acc)
+    return model.cpu(), acc
 
 
 def save_teacher(model: Backbone, path: str | os.PathLike, *, task: str, classes: list[str], val_acc: float,
@@ -81,7 +94,7 @@ def save_teacher(model: Backbone, path: str | os.PathLike, *, task: str, classes
     save_torch({
         "format": FORMAT, "arch": model.arch, "num_classes": model.num_classes, "width": float(model.width),
         "input_size": int(model.input_size), "task": task, "classes": list(classes), "val_acc": float(val_acc),
-        "provenance": dict(provenance), "state_dict": model.state_dict(),
+        "provenance": dict(provenance), "state_dict": cpu_state(model),
     }, path)
 
 

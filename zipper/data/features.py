@@ -2,7 +2,8 @@
 
 Per sample (WebDataset tars beside a manifest.json):
 
-    <key>.png          the very PNG bytes of the shard (so the cached x is the x the teacher saw)
+    <key>.png          the very image bytes of the shard (so the cached x is the x the teacher saw;
+                       JPEG / WebP bytes for a webdataset source that has them)
     <key>.cls          class index
     <key>.logits.npy   teacher logits, float32 (tiny; kept exact for logit distillation)
     <key>.taps.npy     every one of `teacher.pointwise_taps()` (C, H, W) as float16, flattened and
@@ -30,8 +31,9 @@ from tqdm.auto import tqdm
 
 from ..io import sha256_file, write_json
 from ..models import Backbone
-from .shards import (MANIFEST, SHUFFLE_BUFFER, Prepare, ShardSink, _check_file, atomic_dir, iter_samples, load_manifest,
-                     normalise, read_manifest, resampled_pipeline, split_info)
+from ..runtime import CPU, Runtime
+from .shards import (MANIFEST, SHUFFLE_BUFFER, Prepare, ShardSink, _check_file, _named_path, atomic_dir, epoch_stream,
+                     iter_samples, load_manifest, normalise, read_manifest, split_info)
 
 log = logging.getLogger(__name__)
 
@@ -40,6 +42,10 @@ BUDGET_SETTING = "features.budget_mb"
 TAR_BLOCK = 512
 NPY_HEADER = 128  # numpy's .npy v1 header for these small-rank arrays
 SHUFFLE_MEMORY = 256 * 2**20  # bytes of raw cache samples a stream may hold for shuffling
+
+
+class OverBudget(ValueError):
+    """The cache would exceed `features.budget_mb` (nothing was written)."""
 
 
 def _npy(a: np.ndarray) -> bytes:
@@ -60,12 +66,12 @@ def _tar_bytes(size: int) -> int:
 @torch.no_grad()
 def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir: str | os.PathLike, *, input_size: int,
                         batch_size: int, budget_mb: float, teacher_sha256: str, maxcount: int = 1000,
-                        split: str = "train") -> Path:
+                        split: str = "train", runtime: Runtime = CPU) -> Path:
     """Run the frozen `teacher` (eval mode, fixed preprocessing) once over `split` of `shard_dir` and
     store per sample its image, label, logits and every pointwise tap (fp16) under `out_dir`.
 
-    Prints the size first and raises ValueError when it exceeds `budget_mb` (setting
-    `features.budget_mb`). Atomic like the shards. Returns the cache manifest path.
+    Prints the size first and raises `OverBudget` (a ValueError) when it exceeds `budget_mb`
+    (setting `features.budget_mb`). The teacher runs on `runtime`'s device. Atomic like the shards. Returns the cache manifest path.
     """
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     m = read_manifest(shard_dir)
@@ -74,9 +80,9 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
         raise ValueError(f"teacher has {teacher.num_classes} classes, task {m['task']!r} has {len(m['classes'])}")
     taps = teacher.pointwise_taps()
     was_training = teacher.training
-    teacher.eval()
+    runtime.module(teacher).eval()
     try:
-        logits, feats = teacher.forward_intermediates(torch.zeros(1, 3, input_size, input_size))
+        logits, feats = teacher.forward_intermediates(runtime.tensor(torch.zeros(1, 3, input_size, input_size)))
         shapes = {t: list(feats[t].shape[1:]) for t in taps}
         png_bytes = sum(s["bytes"] for s in info["shards"]) / info["count"]  # includes the shard's tar overhead
         sizes = [int(np.prod(s)) for s in shapes.values()]
@@ -89,7 +95,7 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
         print(msg, flush=True)
         log.info(msg)
         if total_mb > budget_mb:
-            raise ValueError(f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, over the budget of {budget_mb:g} MiB; "
+            raise OverBudget(f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, over the budget of {budget_mb:g} MiB; "
                              f"raise {BUDGET_SETTING} (or calibrate with online teacher targets)")
         with atomic_dir(out_dir, (FORMAT,)) as tmp:
             sink = ShardSink(tmp, split, maxcount)
@@ -97,13 +103,14 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
             pending: list[dict[str, Any]] = []
 
             def flush() -> None:
-                x = normalise(np.stack([prep(s)[0] for s in pending]))
-                out, f = teacher.forward_intermediates(x)
-                flat = torch.cat([f[t].flatten(1) for t in taps], dim=1).to(torch.float16).numpy()
+                x = runtime.tensor(normalise(np.stack([prep(s)[0] for s in pending])))
+                with runtime.autocast():
+                    out, f = teacher.forward_intermediates(x)
+                flat = torch.cat([f[t].flatten(1) for t in taps], dim=1).to(torch.float16).cpu().numpy()
                 if not np.isfinite(flat).all():
                     bad = next(t for t in taps if not torch.isfinite(f[t].half()).all())
                     raise ValueError(f"teacher tap {bad!r} overflows float16 in the batch from {pending[0]['__key__']}")
-                lg = out.float().numpy()
+                lg = out.float().cpu().numpy()
                 for i, s in enumerate(pending):
                     sink.write({"__key__": s["__key__"], "png": s["png"], "cls": s["cls"],
                                 "logits.npy": _npy(lg[i]), "taps.npy": _npy(flat[i])})
@@ -196,21 +203,26 @@ def split_taps(flat: np.ndarray, manifest: Mapping[str, Any]) -> dict[str, np.nd
             for t, off in zip(manifest["taps"], manifest["tap_offsets"])}
 
 
-def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, input_size: int,
-                   num_workers: int = 0) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
-    """Endless resampled, shuffled stream of (x, y, teacher logits, {tap: teacher feature}) from a cache.
+def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, input_size: int, num_workers: int = 0,
+                   rank: int = 0, world_size: int = 1, pin_memory: bool = False
+                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """Endless shuffled stream of (x, y, teacher logits, {tap: teacher feature}) from a cache.
 
+    The same stream as `train_batches` (`shards.EpochStream`): epochs of the cache dealt to
+    `num_workers` DataLoader workers, `batch_size` the global batch of which this `rank` of
+    `world_size` gets its rows (the ranks' batches concatenate to the world_size=1 batch).
     Fixed preprocessing (that of the cache); taps come back as float32.
     """
     m = read_cache_manifest(cache_dir)
     if m["input_size"] != input_size:
         raise ValueError(f"{Path(cache_dir) / MANIFEST}: cache made at input_size {m['input_size']}, asked for {input_size}")
-    urls = [str(Path(cache_dir) / s["name"]) for s in m["shards"]]
-    decode = _Decode(input_size)
-    # The shuffle buffer holds raw samples (image + every tap): bound its memory, not just its length.
-    buffer = int(min(SHUFFLE_BUFFER, max(64, SHUFFLE_MEMORY / (m["total_bytes"] / m["count"]))))
-    return resampled_pipeline(urls, [wds.map(decode)], seed=seed, batch_size=batch_size, count=m["count"],
-                              collation_fn=_Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]), num_workers=num_workers, shuffle_buffer=buffer)
+    urls = [str(_named_path(Path(cache_dir), s)) for s in m["shards"]]
+    # The shuffle buffers (one per worker) hold raw samples (image + every tap): bound their memory, not just their length.
+    per_sample = m["total_bytes"] / m["count"]
+    buffer = int(min(SHUFFLE_BUFFER, max(64, SHUFFLE_MEMORY / max(1, num_workers) / per_sample)))
+    return epoch_stream(urls, _Decode(input_size), _Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]), seed=seed,
+                        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
+                        pin_memory=pin_memory, shuffle_buffer=buffer)
 
 
 def iter_cache(cache_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -7,6 +7,10 @@
                  `root/train/<class>/*` and `root/val/<class>/*`, any format PIL reads.
 - `torchvision`: {source, dataset, root, download=False, image_size=None, train_split=None,
                  val_split=None, seed=0} any `torchvision.datasets` class by name.
+- `webdataset`:  {source, train, val, classes, n_train=None, n_val=None, hflip=True} existing shards at
+                 URLs (brace patterns or lists); not loaded here but streamed in place (see
+                 `zipper.data.shards.write_url_manifest`). `classes`: a list, or a path / URL of a JSON
+                 list or a text file. `n_*`: expected counts, checked when given.
 
 Samples load lazily (`Sample.load() -> (PIL RGB image, label)`) so an unreadable file is found, and
 named, while the shards are written. Every image is converted to 8-bit RGB (`to_rgb`).
@@ -23,7 +27,7 @@ from PIL import Image
 
 from . import synthetic
 
-SOURCES: tuple[str, ...] = ("synthetic", "digits", "imagefolder", "torchvision")
+SOURCES: tuple[str, ...] = ("synthetic", "digits", "imagefolder", "torchvision", "webdataset")
 SPLITS: tuple[str, ...] = ("train", "val")
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
 
@@ -35,6 +39,7 @@ KEYS: dict[str, dict[str, Any]] = {
     "imagefolder": {"root": REQUIRED, "train": "train", "val": "val", "image_size": None, "seed": 0},
     "torchvision": {"dataset": REQUIRED, "root": REQUIRED, "download": False, "image_size": None,
                     "train_split": None, "val_split": None, "seed": 0},
+    "webdataset": {"train": REQUIRED, "val": REQUIRED, "classes": REQUIRED, "n_train": None, "n_val": None, "hflip": True},
 }
 
 
@@ -87,6 +92,8 @@ def resolve(source: Mapping[str, Any]) -> dict[str, Any]:
 def load_source(source: Mapping[str, Any]) -> SourceData:
     """Open the source described by `source` (see the module docstring for the keys)."""
     cfg = resolve(source)
+    if cfg["source"] == "webdataset":
+        raise ValueError("data source 'webdataset' is streamed from its URLs, not loaded: write its manifest with write_shards")
     return {"synthetic": _synthetic, "digits": _digits, "imagefolder": _imagefolder, "torchvision": _torchvision}[cfg["source"]](cfg)
 
 

@@ -21,6 +21,7 @@ from torch import nn
 
 from ..io import atomic_path, load_torch, save_torch
 from ..models import Backbone, build_model, capture, pointwise_pairs
+from ..runtime import cpu_state
 
 SCOPES = ("block", "pointwise")
 FORMAT = "zipper.ZipperNet/1"
@@ -156,7 +157,7 @@ class ZipperNet(nn.Module):
 
     def save(self, path: str | os.PathLike, **provenance: object) -> None:
         """One file: spec + state_dict + tap orders (+ what made it), written atomically."""
-        save_torch({"format": FORMAT, "spec": spec_to_dict(self.spec), "state_dict": self.state_dict(),
+        save_torch({"format": FORMAT, "spec": spec_to_dict(self.spec), "state_dict": cpu_state(self),
                     "tap_orders": self.tap_orders, "provenance": dict(provenance)}, path)
 
     def export_onnx(self, path: str | os.PathLike) -> None:
