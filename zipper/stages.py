@@ -9,7 +9,7 @@ import fcntl
 import json
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -196,14 +196,18 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     if prev.spec.scope != params.zipper.scope:
         raise ValueError(f"{prev_path}: made with scope {prev.spec.scope!r} but zipper.scope is "
                          f"{params.zipper.scope!r}; rerun from depth 0")
-    streams, targets = calibration_streams(params, layout, seed=params.calibrate.seed + depth, runtime=runtime)
+    seed = params.calibrate.seed + depth
     if params.zipper.init == "average":
         net = deepen(prev, depth)
     else:
         from .merge.align import deepen_aligned
 
-        align_data = [next(streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
+        # Whole global batches on every process: each must find the same permutations.
+        whole = replace(runtime, rank=0, world_size=1, num_workers=0)
+        align_streams, _ = calibration_streams(params, layout, seed=seed, runtime=whole)
+        align_data = [next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
         net = deepen_aligned(runtime.module(prev), depth, params.zipper.init, batches=align_data).cpu()
+    streams, targets = calibration_streams(params, layout, seed=seed, runtime=runtime)
     log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets on %s",
              depth, prev_path.name, params.zipper.init, targets, runtime.describe())
     # What else decides the result: a partial checkpoint made from other inputs must not be resumed.
