@@ -13,10 +13,26 @@ from typing import Callable, Iterator
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
 from .runtime import Runtime
+
+
+class _AllReduceSum(torch.autograd.Function):
+    """Sum over processes, differentiable: every process's input reaches every output, so the
+    gradient of an input is the sum of the outputs' gradients over processes."""
+
+    @staticmethod
+    def forward(ctx, t: torch.Tensor) -> torch.Tensor:
+        t = t.clone()
+        dist.all_reduce(t)
+        return t
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.clone()
+        dist.all_reduce(grad)
+        return grad
 
 
 class SyncedBatchNorm2d(nn.BatchNorm2d):
@@ -32,9 +48,9 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
         dist.all_reduce(count)
         n = count.item()
         # Two passes (mean, then squared deviations), as a single-process BN computes them.
-        mean = dist_fn.all_reduce(xf.sum(dims)) / n
+        mean = _AllReduceSum.apply(xf.sum(dims)) / n
         centred = xf - mean[None, :, None, None]
-        var = dist_fn.all_reduce((centred * centred).sum(dims)) / n
+        var = _AllReduceSum.apply((centred * centred).sum(dims)) / n
         self._update_running_stats(mean.detach(), var.detach(), n)
         y = centred * torch.rsqrt(var + self.eps)[None, :, None, None]
         if self.affine:
