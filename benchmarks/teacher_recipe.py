@@ -222,7 +222,7 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
             continue
         lines += ["", f"### {title}", "", "| recipe | steps | task | " + varies + ": accuracy | spread | distinct weights |",
                   "|---|---:|---|---|---:|---:|"]
-        for (name, steps, task), rs in groups.items():
+        for (name, steps, task), rs in sorted(groups.items(), key=lambda kv: (list(recipes).index(kv[0][0]), *kv[0][1:])):
             label = (lambda r: f"{r['seed']}") if varies == "seed" else path_name
             accs = ", ".join(f"{label(r)}: {r['acc']:.2f}" for r in rs)
             lines.append(f"| {name} | {steps} | {task} | {accs} | {spread([r['acc'] for r in rs]):.2f} | "

@@ -75,7 +75,9 @@ def test_permuting_every_group_keeps_the_outputs(arch):
     moved = permute_model(teacher, perms)
     assert not torch.equal(moved.stem[0].weight, teacher.stem[0].weight)
     x = _inputs(4, 11)
-    assert _err(moved(x), teacher(x)) < 1e-5
+    # Permuted channels sum in another order: 1.8e-5 on MobileNetV3-large with ATen's scalar kernels
+    # (ATEN_CPU_CAPABILITY=default); a wrong permutation is off by the outputs' own scale.
+    assert _err(moved(x), teacher(x)) < 1e-4
     changed = sum(not torch.equal(a, b) for a, b in zip(moved.state_dict().values(), teacher.state_dict().values()))
     assert changed > 0.5 * len(teacher.state_dict())
 
