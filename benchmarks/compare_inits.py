@@ -216,7 +216,7 @@ def gaps(rows: list[dict], inits: list[str]) -> list[dict]:
 
 
 def claim(gap_rows: list[dict]) -> dict[str, Any]:
-    """Issue 6: at every depth >= 2, aligned init beats average before calibration (strictly) and is
+    """The alignment claim: at every depth >= 2, aligned init beats average before calibration (strictly) and is
     at least as accurate after the same budget (mean over tasks). Checked per aligned init."""
     out = {}
     for init in sorted({g["init"] for g in gap_rows}):
@@ -274,7 +274,7 @@ def write_markdown(path: Path, result: dict) -> None:
         L.append(f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} | {g['after_pp']:+.2f} | "
                  f"{signed(g['before_pp_task'].values())} | {signed(g['after_pp_task'].values())} | "
                  f"{signed(g['before_pp_seeds'])} | {signed(g['after_pp_seeds'])} |")
-    L += ["", "## Issue 6's claim", "",
+    L += ["", "## The alignment claim", "",
           "\"At every depth >= 2, aligned init beats `average` before calibration, and is at least as accurate "
           "after the same calibration budget\" (mean over tasks and seeds, over the depths measured):", ""]
     for init, v in result["claim"].items():

@@ -25,7 +25,7 @@ from .models import build_model
 
 log = logging.getLogger(__name__)
 
-# The seed paper (../shared/seed/zippering-mobilenets-paper.txt), Table 1 "Merge performance on
+# The paper (He et al., Merging MobileNets for multitask), Table 1 "Merge performance on
 # different tasks, and the compression and speedup ratio of different merged layers":
 # merged layers k -> (Comp., Speedup, Runtime memory usage Comp.). MobileNetV1, ImageNet (1000
 # classes) + DeepFashion (50). Its authors merged weights only up to layer 10, so its Comp. stays

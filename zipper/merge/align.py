@@ -1,7 +1,7 @@
 """Permutation alignment: reorder a teacher's channels to match another's before averaging.
 
 Two independently trained nets put the same feature in different channels, so averaging
-them channel by channel mixes unrelated filters (DESIGN.md section 5). A hidden channel's
+them channel by channel mixes unrelated filters. A hidden channel's
 index is arbitrary: permuting it consistently everywhere it appears leaves the function
 unchanged. This module
 
@@ -14,7 +14,7 @@ unchanged. This module
 3. applies them (`permute_model`, `align_models`), and merges aligned branches
    (`deepen_aligned`, the depth-chain step).
 
-How the walk assigns axes (the MobileNet rules of DESIGN.md section 5, stated generically):
+How the walk assigns axes (the MobileNet rules, stated generically):
 
 - a dense (groups=1) conv reads the current group on its input axis and *creates* a group
   on its output axis (the stem conv too);
