@@ -173,17 +173,3 @@ def distributed(cfg: RuntimeConfig) -> Iterator[None]:
         yield
     finally:
         torch.distributed.destroy_process_group()
-
-
-def barrier() -> None:
-    if distributed_rank_world()[1] > 1:
-        torch.distributed.barrier()
-
-
-def all_reduce_sum(values: list[float], device: torch.device) -> list[float]:
-    """Sum `values` over all processes (a no-op in one process)."""
-    if distributed_rank_world()[1] == 1:
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device=device)
-    torch.distributed.all_reduce(t)
-    return t.tolist()
