@@ -105,16 +105,16 @@ def stage_io(stage: str, params: Params, layout: Layout, arg: str | int | None =
                        params=("zipper.scope", "zipper.init", "zipper.align_batches", "calibrate",
                                "teachers.input_size", "teachers.augment", "features.enabled", "tasks"))
     if stage == "evaluate":
-        return StageIO(reads=(layout.zipped(arg), layout.curves(arg), layout.teacher_metrics, *teachers, *shards),
+        side = (layout.metrics(0),) if arg else ()  # the teachers' side, measured at depth 0
+        return StageIO(reads=(layout.zipped(arg), layout.curves(arg), layout.teacher_metrics, *side, *teachers,
+                              *shards),
                        writes=(layout.metrics(arg),), code=("evaluate.py",),
                        params=("evaluate", "teachers.input_size", "zipper.init", "tasks"))
     if stage == "report":
         return StageIO(reads=tuple(layout.metrics(d) for d in depths), code=("report.py",), params=("tasks",),
-                       writes=tuple(layout.reports / f for f in ("table.md", "depths.json", "accuracy.png",
-                                                                   "ratios.png")))
+                       writes=layout.report_files)
     if stage == "register":
-        reports = tuple(layout.reports / f for f in ("table.md", "depths.json", "accuracy.png", "ratios.png"))
-        return StageIO(reads=(*reports, *(p for d in depths for p in (layout.zipped(d), layout.curves(d),
+        return StageIO(reads=(*layout.report_files, *(p for d in depths for p in (layout.zipped(d), layout.curves(d),
                                                                          layout.metrics(d))),
                               *(s / "manifest.json" for s in shards)),
                        writes=(layout.reports / "mlflow.json",), params=("*",),
@@ -575,7 +575,8 @@ def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
     for d in depths:
         after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
         zips[d] = submit(zip_t, params, layout, d, cli, wait_for=after, resources=gpu["zip"])
-        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values()])
+        side = [evals[0]] if d else []  # depth d > 0 reads the teachers' side measured at depth 0
+        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values(), *side])
     report = report_t.submit(params, layout, wait_for=list(evals.values()))
     register = register_t.submit(params, layout, wait_for=[report, *zips.values()])
 

@@ -36,6 +36,7 @@ def _write(tmp_path, mutate) -> Path:
     (lambda r: r["zipper"].update(chain={1: 0}), r"zipper.chain: entry 1 must be '\"1\": 0'"),
     (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
     (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
+    (lambda r: r["teachers"].update(label_smoothing=1.0), r"teachers.label_smoothing: expected a value in \[0, 1\)"),
 ])
 def test_bad_params_name_the_key(tmp_path, mutate, match):
     with pytest.raises(ValueError, match=match):

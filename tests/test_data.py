@@ -46,6 +46,19 @@ def test_synthetic_is_seeded_balanced_rgb(task):
     assert a.std() > 20  # not blank
 
 
+@pytest.mark.parametrize("task", list(synthetic.TASKS))
+def test_synthetic_blanks_only_the_figure_of_its_share_of_images(task, monkeypatch):
+    monkeypatch.setattr(synthetic, "BLANK_FRACTION", 0.0)
+    readable, _ = synthetic.generate(task, 500, seed=4)
+    monkeypatch.setattr(synthetic, "BLANK_FRACTION", 0.2)
+    some_blank, _ = synthetic.generate(task, 500, seed=4)
+    changed = (readable != some_blank).reshape(500, -1).any(axis=1)
+    assert 0.14 < changed.mean() < 0.26  # about 20% lose their figure; the rest are the same pixels
+    monkeypatch.setattr(synthetic, "BLANK_FRACTION", 1.0)
+    blank, _ = synthetic.generate(task, 500, seed=4)
+    assert (readable != blank).reshape(500, -1).any(axis=1).all()
+
+
 # --- shards round-trip ---------------------------------------------------------------------------
 
 def test_shard_roundtrip_pixels_labels_keys(shapes_dir):

@@ -75,7 +75,14 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
         metrics = json.loads((project / f"metrics/depth_{depth}.json").read_text())
         assert metrics["depth"] == depth and set(metrics["acc"]) == {"shapes", "textures"}
         assert metrics["comp_conv"] >= 1.0 and metrics["speedup"] > 0
+    side = json.loads((project / "metrics/depth_0.json").read_text())["teachers_side"]
+    assert json.loads((project / "metrics/depth_3.json").read_text())["teacher_macs"] == side["teacher_macs"]
     assert "| 3 |" in (project / "reports/table.md").read_text()
+    summary = json.loads((project / "reports/summary.json").read_text())
+    assert set(summary) == {"teacher_acc", "depth_1", "depth_2", "depth_3"}
+    assert set(summary["depth_3"]) == {"worst_drop", "acc_shapes", "acc_textures", "speedup", "macs_ratio"}
+    shown = json.loads(_run(project, "dvc", "metrics", "show", "--json"))
+    assert list(next(iter(shown.values()))["data"]) == ["reports/summary.json"]  # the one metrics file
     assert (project / "reports/accuracy.png").stat().st_size > 1000
     summary = json.loads((project / "reports/mlflow.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"], registry_uri=summary["tracking_uri"])

@@ -89,3 +89,33 @@ def test_import_our_state_dict_and_mismatches(tmp_path):
         import_teacher(tmp_path / "junk.pt", arch="mobilenet_v1", num_classes=4, width=0.25, input_size=32)
     with pytest.raises(ValueError, match="not a zipper.Teacher/1 file"):
         load_teacher(tmp_path / "ours.pt")
+
+
+@pytest.mark.slow
+def test_teachers_side_by_side_equal_one_after_the_other(tmp_path):
+    """`zipper teachers` with two threads trains one process per task (one thread each): the same
+    teachers, bit for bit, as one process training them one after the other on one thread."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tiny = Path(__file__).parent / "fixtures" / "params.tiny.yaml"
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+
+    def zipper(*args: str) -> str:
+        proc = subprocess.run(["zipper", *args, "--params", str(tiny), "--root", str(tmp_path)], env=env,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+
+    zipper("data")
+    log = zipper("teachers", "--threads", "2")
+    assert "training teachers side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
+    side_by_side = {t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True) for t in ("shapes", "textures")}
+    log = zipper("teachers", "--threads", "1")
+    assert "side by side" not in log
+    for task, first in side_by_side.items():
+        again = torch.load(tmp_path / f"models/teachers/{task}.pt", weights_only=True)
+        assert first["val_acc"] == again["val_acc"]
+        assert all(torch.equal(first["state_dict"][k], v) for k, v in again["state_dict"].items()), task

@@ -37,6 +37,8 @@ def _stage(name: str):
         runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
         if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
             return _torchrun(params.runtime.nproc_per_node, args.argv)
+        if name == "teachers" and not args.task and (per_task := _teachers_side_by_side(params, args.threads)):
+            return _run_per_task(args.argv, per_task)
         if name not in DATA_PARALLEL_STAGES and runtime.launched_by_torchrun():
             raise ValueError(f"zipper {name} runs in one process; launch only {' and '.join(DATA_PARALLEL_STAGES)} "
                              "under torchrun")
@@ -50,6 +52,34 @@ def _stage(name: str):
             print(result)
         return None
     return run
+
+
+def _teachers_side_by_side(params, threads: int | None) -> dict[str, int]:
+    """Tasks -> torch threads each, when the teachers to train should run side by side, one process per
+    task: on a CPU with threads for more than one (a small net trains far better on one core each than
+    on several cores one after the other). Empty when they train in this process."""
+    import torch
+
+    from .runtime import launched_by_torchrun, resolve_device
+
+    total = (params.runtime.threads if threads is None else threads) or torch.get_num_threads()  # 0: torch's default
+    to_train = [t for t in params.tasks if t not in params.teachers.checkpoints]
+    if (len(to_train) < 2 or total < 2 or params.runtime.nproc_per_node > 1 or launched_by_torchrun()
+            or resolve_device(params.runtime.device).type != "cpu"):
+        return {}
+    return {t: max(1, total // len(to_train)) for t in to_train}
+
+
+def _run_per_task(argv: list[str], threads: dict[str, int]) -> int:
+    """Run this teachers command once per task, all at once; the first failure's exit code."""
+    import subprocess
+
+    log = logging.getLogger(__name__)
+    log.info("training teachers side by side: %s", ", ".join(f"{t} ({n} thread(s))" for t, n in threads.items()))
+    procs = [subprocess.Popen([sys.executable, "-m", "zipper.cli", *argv, "--task", t, "--threads", str(n)])
+             for t, n in threads.items()]
+    codes = [p.wait() for p in procs]
+    return next((c for c in codes if c), 0)
 
 
 def _torchrun(nproc: int, argv: list[str]) -> int:

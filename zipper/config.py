@@ -48,12 +48,15 @@ class TeachersConfig:
     weight_decay: float = 5e-4
     momentum: float = 0.9
     augment: bool = True
+    label_smoothing: float = 0.0
     seed: int = 0
     checkpoints: dict[str, str] = field(default_factory=dict)  # task -> file to import instead of training
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"teachers.arch: unknown {self.arch!r}; registered: {', '.join(sorted(ARCHS))}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"teachers.label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)

@@ -21,6 +21,17 @@ def flat_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> list[dict
     return out
 
 
+def summary(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, Any]:
+    """The few numbers people compare between runs (`dvc metrics diff`, `dvc exp show`): the teachers'
+    accuracy, then per depth the worst drop, each task's accuracy, speedup and MACs ratio."""
+    out: dict[str, Any] = {"teacher_acc": {t: round(100 * rows[0]["teacher_acc"][t], 2) for t in tasks}}
+    for r in flat_rows(rows[1:], tasks):
+        out[f"depth_{r['depth']}"] = {"worst_drop": round(r["max_drop_pp"], 2),
+                                      **{f"acc_{t}": round(r[f"acc_{t}"], 2) for t in tasks},
+                                      "speedup": round(r["speedup"], 2), "macs_ratio": round(r["macs_ratio"], 2)}
+    return out
+
+
 def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     head = ["depth", "comp (conv)", "comp (params)", "MACs ratio", "speedup", "memory"] + \
@@ -78,7 +89,7 @@ def _save(fig, path: Path) -> Path:
 
 
 def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, tasks: Sequence[str]) -> str:
-    """Write table.md, depths.json and the plots into `out_dir`; return the markdown table."""
+    """Write table.md, summary.json, depths.json and the plots into `out_dir`; return the markdown table."""
     out_dir = Path(out_dir)
     table = markdown_table(rows, tasks)
     r0 = rows[0]
@@ -87,6 +98,7 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, tasks: 
               + ". Ratios are teachers run one after the other / zipper (bigger is better); "
                 "accuracy in brackets: change against the teacher in points.\n\n")
     write_text(out_dir / "table.md", header + table + "\n![accuracy](accuracy.png)\n![ratios](ratios.png)\n")
+    write_json(out_dir / "summary.json", summary(rows, tasks))
     write_json(out_dir / "depths.json", flat_rows(rows, tasks))
     plot(rows, tasks, out_dir)
     return table

@@ -56,6 +56,11 @@ class Layout:
     def reports(self) -> Path:
         return self.root / "reports"
 
+    @property
+    def report_files(self) -> tuple[Path, ...]:
+        """What the report stage writes (summary.json is the one DVC metrics file)."""
+        return tuple(self.reports / f for f in ("table.md", "summary.json", "depths.json", "accuracy.png", "ratios.png"))
+
 
 # ----------------------------------------------------------------------------------------- data
 def run_data(params: Params, layout: Layout, tasks: list[str] | None = None) -> None:
@@ -92,7 +97,7 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
                                        steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                        weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                        seed=cfg.seed + params.tasks.index(task), augment=cfg.augment,
-                                       runtime=runtime)
+                                       label_smoothing=cfg.label_smoothing, runtime=runtime)
             origin = {}
         accs[task] = acc
         if not runtime.is_main:
@@ -225,7 +230,7 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
     from .data import val_batches
-    from .evaluate import evaluate_zipper, profile, throughput
+    from .evaluate import evaluate_zipper, profile, teacher_stats, throughput
     from .merge import load as load_zipper
 
     net = load_zipper(layout.zipped(depth)).eval()
@@ -241,14 +246,18 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     gpu = throughput(net, teachers, runtime, batch=cfg.batch_size) if runtime.device.type != "cpu" else {}
     teacher_acc = {t: v["val_acc"] for t, v in json.loads(layout.teacher_metrics.read_text()).items() if t in acc}
     drop = {t: 100 * (teacher_acc[t] - acc[t]) for t in acc}
-    prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory)
+    # The teachers' sizes and memory are measured once, at depth 0; every depth reads them from there.
+    side = (teacher_stats(teachers, threads=cfg.threads, memory=cfg.memory) if depth == 0
+            else json.loads(layout.metrics(0).read_text())["teachers_side"])
+    prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory,
+                   teachers_side=side)
     curves = json.loads(layout.curves(depth).read_text())
     row = {"depth": depth, "scope": net.spec.scope, "init": params.zipper.init, "targets": curves["targets"],
            "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),
            "final_loss": curves["loss"][-1] if curves["loss"] else None,
            **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
                                    "speedup", "latency_teachers_ms", "latency_zipper_ms")},
-           "memory_comp": prof.get("memory_comp"), **gpu}
+           "memory_comp": prof.get("memory_comp"), **gpu, **({"teachers_side": side} if depth == 0 else {})}
     write_json(layout.metrics(depth), row)
     log.info("depth %d: acc %s, max drop %.2f pp, speedup %.2fx", depth,
              {t: f"{100 * a:.1f}%" for t, a in acc.items()}, row["max_drop_pp"], row["speedup"])

@@ -40,7 +40,6 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
-from scipy.optimize import linear_sum_assignment
 from torch import nn
 
 from ..models import Backbone
@@ -249,6 +248,8 @@ def random_permutations(model: Backbone, *, generator: torch.Generator | None = 
 # ----------------------------------------------------------------------------- matching
 
 def _lsa(cost: torch.Tensor) -> torch.Tensor:
+    from scipy.optimize import linear_sum_assignment  # here: scipy's import costs every stage half a second
+
     _rows, cols = linear_sum_assignment(cost.cpu().numpy(), maximize=True)
     return torch.as_tensor(cols, dtype=torch.long)
 

@@ -2,8 +2,6 @@
 from __future__ import annotations
 
 from torch import nn
-from torchvision.ops.misc import Conv2dNormActivation
-from torchvision.models._utils import _make_divisible
 
 from .base import Backbone
 
@@ -17,19 +15,32 @@ STEM_CHANNELS = 32
 SMALL_INPUT = 96
 
 
+def conv_bn_relu(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1) -> nn.Sequential:
+    """Conv (no bias, 'same' padding) - BatchNorm - ReLU, with the module names of torchvision's
+    Conv2dNormActivation (0, 1, 2), so checkpoints of either load into the other."""
+    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+
+
+def divisible_channels(c: float, divisor: int = 8) -> int:
+    """Round to the nearest multiple of `divisor`, never below 90% of `c` (the MobileNet papers' rule)."""
+    rounded = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return rounded + divisor if rounded < 0.9 * c else rounded
+
+
 class DepthwiseSeparable(nn.Sequential):
     """3x3 depthwise conv-BN-ReLU, then 1x1 pointwise conv-BN-ReLU."""
 
     def __init__(self, cin: int, cout: int, stride: int) -> None:
         super().__init__()
-        self.dw = Conv2dNormActivation(cin, cin, 3, stride=stride, groups=cin, activation_layer=nn.ReLU)
-        self.pw = Conv2dNormActivation(cin, cout, 1, activation_layer=nn.ReLU)
+        self.dw = conv_bn_relu(cin, cin, 3, stride=stride, groups=cin)
+        self.pw = conv_bn_relu(cin, cout, 1)
 
 
 def mobilenet_v1(num_classes: int, *, width: float = 1.0, input_size: int = 224) -> Backbone:
-    channels = lambda c: _make_divisible(c * width, 8)  # noqa: E731
+    channels = lambda c: divisible_channels(c * width)  # noqa: E731
     cin = channels(STEM_CHANNELS)
-    stem = Conv2dNormActivation(3, cin, 3, stride=1 if input_size < SMALL_INPUT else 2, activation_layer=nn.ReLU)
+    stem = conv_bn_relu(3, cin, 3, stride=1 if input_size < SMALL_INPUT else 2)
     blocks = []
     for cout, stride in V1_BLOCKS:
         blocks.append(DepthwiseSeparable(cin, channels(cout), stride))

@@ -4,7 +4,6 @@ from __future__ import annotations
 from typing import Callable
 
 from torch import nn
-from torchvision import models as tvm
 
 from .base import Backbone
 
@@ -16,17 +15,21 @@ def _adapt(arch: str, net: nn.Module, num_classes: int, width: float, input_size
     return Backbone(arch, features[0], features[1:-1], head, num_classes=num_classes, width=width, input_size=input_size)
 
 
-def _builder(arch: str, ctor: Callable[..., nn.Module]) -> Callable[..., Backbone]:
+def _builder(arch: str) -> Callable[..., Backbone]:
     def build(num_classes: int, *, width: float = 1.0, input_size: int = 224) -> Backbone:
+        # Imported here: torchvision's import costs seconds (it loads torch._dynamo), paid only by these archs.
+        from torchvision import models as tvm
+
+        ctor = getattr(tvm, arch)
         return _adapt(arch, ctor(num_classes=num_classes, width_mult=width), num_classes, width, input_size)
     build.__name__ = arch
     build.__doc__ = f"torchvision's {arch} (random init) as a zipper Backbone."
     return build
 
 
-mobilenet_v2 = _builder("mobilenet_v2", tvm.mobilenet_v2)
-mobilenet_v3_small = _builder("mobilenet_v3_small", tvm.mobilenet_v3_small)
-mobilenet_v3_large = _builder("mobilenet_v3_large", tvm.mobilenet_v3_large)
+mobilenet_v2 = _builder("mobilenet_v2")
+mobilenet_v3_small = _builder("mobilenet_v3_small")
+mobilenet_v3_large = _builder("mobilenet_v3_large")
 
 
 def torchvision_key(arch: str, key: str, num_blocks: int) -> str:
