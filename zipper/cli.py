@@ -157,7 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     common.add_argument("--root", default=".", help="project root holding data/, models/, metrics/, reports/")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.steps=50")
-    common.add_argument("--threads", type=int, help="torch threads per process (default: runtime.threads)")
+    common.add_argument("--threads", type=int, help="torch threads per process (default: runtime.threads); on a "
+                        "CPU, teachers shares them among the tasks, trained side by side")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stage_help = {"data": "shard each task's source into WebDataset tars", "teachers": "train or import the teachers",
