@@ -75,8 +75,9 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
         metrics = json.loads((project / f"metrics/depth_{depth}.json").read_text())
         assert metrics["depth"] == depth and set(metrics["acc"]) == {"shapes", "textures"}
         assert metrics["comp_conv"] >= 1.0 and metrics["speedup"] > 0
-    side = json.loads((project / "metrics/depth_0.json").read_text())["teachers_side"]
-    assert json.loads((project / "metrics/depth_3.json").read_text())["teacher_macs"] == side["teacher_macs"]
+    side = json.loads((project / "metrics/depth_0.json").read_text())["teachers_side"]  # measured once, here
+    deepest = json.loads((project / "metrics/depth_3.json").read_text())
+    assert deepest["macs_ratio"] == pytest.approx(side["teacher_macs"] / deepest["macs"])
     assert "| 3 |" in (project / "reports/table.md").read_text()
     summary = json.loads((project / "reports/summary.json").read_text())
     assert set(summary) == {"teacher_acc", "depth_1", "depth_2", "depth_3"}
