@@ -26,13 +26,12 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence, TextIO
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .bench import trained_like_bn
@@ -42,8 +41,8 @@ from .data.features import OverBudget
 from .io import write_json
 from .merge import ZipperNet, zip_models
 from .models import Backbone, build_model
-from .parallel import data_parallel
 from .runtime import Runtime, RuntimeConfig, set_threads
+from .teachers import train_teacher
 
 TASKS = ("shapes", "textures")  # the embedded synthetic tasks, 10 classes each
 MODES = ("teacher", "calibrate_online", "calibrate_cached", "data")
@@ -183,33 +182,11 @@ def cache_bytes_per_sample(teacher: Backbone, shard_dir: Path, input_size: int, 
 # ------------------------------------------------------------------------------------- modes
 
 def time_teacher(shard_dir: Path, cfg: BenchConfig, runtime: Runtime, workers: int) -> float:
-    """Seconds per `train_teacher` step (the same model set-up, stream and step; no val pass)."""
-    torch.manual_seed(cfg.seed)
-    model = runtime.module(build_model(cfg.arch, len(synthetic.TASKS[TASKS[0]]), width=cfg.width,
-                                       input_size=cfg.input_size))
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=0.1, momentum=0.9, nesterov=True)
-    scaler = runtime.grad_scaler()
-    batches = train_batches(shard_dir, input_size=cfg.input_size, batch_size=cfg.batch, augment=True, seed=cfg.seed,
-                            num_workers=workers, pin_memory=runtime.pin_memory)
+    """Seconds per `train_teacher` step, timed by its `on_step` callback."""
     clock = StepClock(runtime.device)
-    model.train()
-    try:
-        with data_parallel(model, runtime) as forward:
-            for step in range(cfg.warmup + cfg.steps):
-                x, y = runtime.batch(next(batches))
-                with runtime.autocast():
-                    logits = forward(x)
-                loss = F.cross_entropy(logits.float(), y)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                clock(step + 1)
-    finally:
-        _close(batches)
+    train_teacher(shard_dir, arch=cfg.arch, width=cfg.width, input_size=cfg.input_size, steps=cfg.warmup + cfg.steps,
+                  batch_size=cfg.batch, lr=0.1, seed=cfg.seed, runtime=replace(runtime, num_workers=workers),
+                  on_step=clock)
     return clock.seconds_per_step(cfg.warmup)
 
 

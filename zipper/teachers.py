@@ -9,7 +9,7 @@ import logging
 import math
 import os
 import time
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -39,9 +39,11 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 
 def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, input_size: int, steps: int,
                   batch_size: int, lr: float, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
-                  augment: bool = True, label_smoothing: float = 0.0, runtime: Runtime = CPU) -> tuple[Backbone, float]:
+                  augment: bool = True, label_smoothing: float = 0.0, runtime: Runtime = CPU,
+                  on_step: Callable[[int, Backbone], None] | None = None) -> tuple[Backbone, float]:
     """Train `arch` from scratch on the shards' train split (SGD + Nesterov, warm-up + cosine LR) on
     `runtime`'s device and precision; data-parallel under torch.distributed (`batch_size` is global).
+    `on_step(steps_done, model)` runs after every step (as `calibrate`'s does).
 
     Returns the model (eval mode, on the CPU) and its top-1 accuracy on the val split.
     """
@@ -77,6 +79,8 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
             scaler.update()
             if step % 50 == 0 or step == steps - 1:
                 bar.set_postfix(loss=f"{loss.item():.3f}")
+            if on_step is not None:
+                on_step(step + 1, model)
     model.eval()
     val = val_batches(shard_dir, input_size=input_size, batch_size=max(batch_size, 128), world_size=1,
                       num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
