@@ -32,9 +32,10 @@ BARE = """
 import sys, yaml
 from pathlib import Path
 from zipper import stages
+from zipper.graph import Layout
 from zipper.config import load_params
 root = Path(sys.argv[1]); overrides = yaml.safe_load(sys.argv[2]) or {}
-params = load_params(root / "params.yaml", overrides); layout = stages.Layout(root)
+params = load_params(root / "params.yaml", overrides); layout = Layout(root)
 stages.run_data(params, layout); stages.run_teachers(params, layout); stages.run_features(params, layout)
 for depth in [0, *params.zipper.depths]:
     stages.run_zip(params, layout, depth)

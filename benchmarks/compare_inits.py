@@ -48,7 +48,8 @@ from zipper.data.features import cache_matches
 from zipper.evaluate import accuracy, evaluate_zipper
 from zipper.io import atomic_path, sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
-from zipper.stages import Layout, calibration_streams, load_teachers, run_data, run_features, run_teachers
+from zipper.graph import Layout
+from zipper.stages import calibration_streams, load_teachers, run_data, run_features, run_teachers
 
 log = logging.getLogger("compare_inits")
 WITHIN_PP = 1.0  # "close to the teachers": every task within this many points

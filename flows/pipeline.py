@@ -1,13 +1,13 @@
 """The zippering pipeline as a Prefect flow: the DVC stage graph, resumable, schedulable, distributable.
 
 Every task calls one function of `zipper.stages` (the same ones `dvc.yaml` runs through `zipper <stage>`);
-this module only wires them together and declares what each one reads and writes:
+this module only wires them together, along the stage graph of `zipper.graph` that dvc.yaml is made from:
 
 - per-task work (shards, teachers, feature caches) runs in parallel, the zip chain in order (depth k
   waits for depth k-1's checkpoint) and each depth's evaluation as soon as its checkpoint exists, so
   evaluating depth k overlaps calibrating depth k+1;
-- a task's cache key is the sha256 of the files it reads, the params it uses and its code (the stage
-  function, the library files `dvc.yaml` lists as its deps, the task's own source), never the run id;
+- a task's cache key is the sha256 of the files it reads, the params it uses and the package code it
+  runs, as the stage graph declares them: the same in every process, deployment and checkout;
   results persist under `<root>/.prefect-results`, so a second run does no training and a run killed
   at depth k resumes at depth k (and mid-calibration, from the stage's own partial checkpoint);
 - a cached result is used only while the files that task wrote are still there and unchanged: a
@@ -20,7 +20,6 @@ this module only wires them together and declares what each one reads and writes
 """
 from __future__ import annotations
 
-import ast
 import collections
 import json
 import logging
@@ -30,7 +29,6 @@ import shlex
 import signal
 import subprocess
 import sys
-import threading
 from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping
@@ -39,7 +37,7 @@ import yaml
 from prefect import flow, task
 from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
                                update_progress_artifact)
-from prefect.cache_policies import TASK_SOURCE, CachePolicy
+from prefect.cache_policies import CachePolicy
 from prefect.context import FlowRunContext
 from prefect.exceptions import MissingContextError
 from prefect.filesystems import LocalFileSystem
@@ -53,7 +51,7 @@ from zipper.cli import DATA_PARALLEL_STAGES
 from zipper.config import Params, load_params
 from zipper.io import sha256_file, sha256_json
 from zipper.runtime import RuntimeConfig
-from zipper.stages import Layout
+from zipper.graph import Layout, stage_io, stage_of
 
 log = logging.getLogger(__name__)
 
@@ -66,62 +64,7 @@ DASHBOARD_PORT = 8787  # Dask's usual one; another free port when it is taken
 COMMAND_TAIL = 40  # lines of a failed stage command's output quoted in the task's error
 
 
-# ------------------------------------------------------------------------- what each stage touches
-@dataclass(frozen=True)
-class StageIO:
-    """The files a stage reads and writes, the params it uses and its code: its cache identity."""
-
-    reads: tuple[Path, ...]
-    writes: tuple[Path, ...]  # files or folders the stage alone writes (hashed after it runs)
-    params: tuple[str, ...]  # dotted keys of Params ("*" = all of them, "tasks" = the task list)
-    code: tuple[str, ...]  # files or folders of the zipper package, as dvc.yaml lists them
-    entries: tuple[tuple[Path, str], ...] = ()  # keys the stage adds to a JSON file it shares with others
-
-
-def stage_io(stage: str, params: Params, layout: Layout, arg: str | int | None = None) -> StageIO:
-    """Mirror of dvc.yaml (plus the inputs it leaves implicit), for one task or depth of `stage`."""
-    tasks = params.tasks
-    shards = tuple(layout.shards(t) for t in tasks)
-    teachers = tuple(layout.teacher(t) for t in tasks)
-    depths = [0, *params.zipper.depths]
-    if stage == "data":
-        return StageIO(reads=(), writes=(layout.shards(arg),),
-                       params=(f"data.tasks.{arg}", "data.maxcount", "data.on_bad_sample"), code=("data",))
-    if stage == "teachers":
-        imported = params.teachers.checkpoints.get(arg)
-        return StageIO(reads=(layout.shards(arg), *((Path(imported),) if imported else ())),
-                       writes=(layout.teacher(arg),), params=("teachers", "tasks"),
-                       code=("teachers.py", "models"), entries=((layout.teacher_metrics, arg),))
-    if stage == "features":
-        return StageIO(reads=(layout.shards(arg), layout.teacher(arg)), writes=(layout.features(arg),),
-                       params=("features", "teachers.input_size"), code=("data/features.py",))
-    if stage == "zip":
-        written = (layout.zipped(arg), layout.curves(arg))
-        if arg == 0:
-            return StageIO(reads=teachers, writes=written, params=("zipper.scope", "tasks"), code=("merge",))
-        online = () if params.features.enabled else shards  # calibration reads shards when nothing is cached
-        return StageIO(reads=(layout.zipped(arg - 1), *teachers, *(layout.features(t) for t in tasks), *online),
-                       writes=written, code=("calibrate.py", "merge"),
-                       params=("zipper.scope", "zipper.init", "zipper.align_batches", "calibrate",
-                               "teachers.input_size", "teachers.augment", "features.enabled", "tasks"))
-    if stage == "evaluate":
-        side = (layout.metrics(0),) if arg else ()  # the teachers' side, measured at depth 0
-        return StageIO(reads=(layout.zipped(arg), layout.curves(arg), layout.teacher_metrics, *side, *teachers,
-                              *shards),
-                       writes=(layout.metrics(arg),), code=("evaluate.py",),
-                       params=("evaluate", "teachers.input_size", "zipper.init", "tasks"))
-    if stage == "report":
-        return StageIO(reads=tuple(layout.metrics(d) for d in depths), code=("report.py",), params=("tasks",),
-                       writes=layout.report_files)
-    if stage == "register":
-        return StageIO(reads=(*layout.report_files, *(p for d in depths for p in (layout.zipped(d), layout.curves(d),
-                                                                         layout.metrics(d))),
-                              *(s / "manifest.json" for s in shards)),
-                       writes=(layout.reports / "mlflow.json",), params=("*",),
-                       code=("tracking.py", "mlflow_model.py"))
-    raise ValueError(f"unknown stage {stage!r}")
-
-
+# --------------------------------------------------------------------------- cache identity
 def pick_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
     """The values of dotted params keys (`calibrate`, `zipper.scope`, `data.tasks.shapes`)."""
     out: dict[str, Any] = {}
@@ -162,10 +105,11 @@ def _files(path: Path) -> list[Path]:
 
 
 def _rel(path: Path, root: Path) -> str:
+    """A path under `root` relative to it; any other (an imported teacher) as params names it."""
     try:
         return str(Path(path).resolve().relative_to(Path(root).resolve()))
     except ValueError:
-        return str(Path(path).resolve())
+        return str(path)
 
 
 def hash_paths(paths: Iterable[Path], root: Path) -> dict[str, str | None]:
@@ -180,45 +124,21 @@ def hash_paths(paths: Iterable[Path], root: Path) -> dict[str, str | None]:
     return out
 
 
-_source_lock = threading.Lock()
-_source_memo: dict[tuple, dict[str, str]] = {}
-
-
-def _stage_source(stage: str) -> str:
-    """The source of `zipper.stages.run_<stage>` as the file on disk has it (immune to monkeypatching).
-
-    Parsed once per file version, under a lock: CPython 3.11's `ast.parse` is not safe in concurrent
-    threads ("AST constructor recursion depth mismatch"), and the thread runner computes keys in parallel.
-    """
-    path = Path(stages.__file__)
-    with _source_lock:
-        st = path.stat()
-        memo_key = (str(path), st.st_size, st.st_mtime_ns)
-        if memo_key not in _source_memo:
-            text = path.read_text()
-            _source_memo[memo_key] = {node.name: ast.get_source_segment(text, node) or ""
-                                      for node in ast.parse(text).body if isinstance(node, ast.FunctionDef)}
-        functions = _source_memo[memo_key]
-    if f"run_{stage}" not in functions:
-        raise ValueError(f"{path}: no function run_{stage}")
-    return functions[f"run_{stage}"]
-
-
-def stage_key(stage: str, params: Params, layout: Layout, arg: str | int | None, task_source: str | None = None) -> str:
-    """The cache key of one stage run: what it reads, the params and code it uses, never the run id."""
-    io = stage_io(stage, params, layout, arg)
+def stage_key(command: str, params: Params, layout: Layout, arg: str | int | None) -> str:
+    """The cache key of one stage run, from the stage graph: what it reads (content hashes, paths relative
+    to the root), the params and package code it uses. Nothing per process, run or checkout."""
+    io = stage_io(stage_of(command, arg), params, layout, arg)
     return sha256_json({
-        "stage": stage, "arg": arg, "params": pick_params(params, io.params),
+        "stage": command, "arg": arg, "params": pick_params(params, io.params),
         "reads": hash_paths(io.reads, layout.root),
-        "code": hash_paths((ZIPPER_SRC / c for c in io.code), ZIPPER_SRC.parent),
-        "stage_fn": _stage_source(stage), "task_source": task_source})
+        "code": hash_paths((ZIPPER_SRC / c for c in io.code), ZIPPER_SRC.parent)})
 
 
-def output_state(stage: str, params: Params, layout: Layout, arg: str | int | None = None) -> dict[str, Any]:
+def output_state(command: str, params: Params, layout: Layout, arg: str | int | None = None) -> dict[str, Any]:
     """What a finished stage left behind: its files' hashes and its entries in shared JSON files."""
-    io = stage_io(stage, params, layout, arg)
+    io = stage_io(stage_of(command, arg), params, layout, arg)
     entries = {}
-    for path, key in io.entries:
+    for path, key in io.shared:
         try:
             entries[f"{_rel(path, layout.root)}:{key}"] = key in json.loads(Path(path).read_text())
         except (OSError, ValueError):
@@ -232,7 +152,7 @@ def outputs_complete(state: Mapping[str, Any]) -> bool:
 
 @dataclass
 class StageCache(CachePolicy):
-    """Cache key = `stage_key` (+ the task's source); a record whose outputs are gone or changed is dropped.
+    """Cache key = `stage_key`; a record whose outputs are gone or changed is dropped.
 
     Prefect looks a key up before running the task; dropping the stale record there makes the task
     run again and write a fresh record under the same key, exactly as if it had never been cached.
@@ -243,7 +163,7 @@ class StageCache(CachePolicy):
     def compute_key(self, task_ctx, inputs: dict[str, Any], flow_parameters: dict[str, Any], **kwargs: Any) -> str:
         params, layout = inputs["params"], inputs["layout"]
         arg = inputs.get("name", inputs.get("depth"))
-        key = stage_key(self.stage, params, layout, arg, TASK_SOURCE.compute_key(task_ctx, inputs, flow_parameters))
+        key = stage_key(self.stage, params, layout, arg)
         store = getattr(task_ctx, "result_store", None)
         if store is None or not store.exists(key):
             return key

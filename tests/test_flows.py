@@ -14,8 +14,11 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import os
 import shutil
+import subprocess
 import sys
+import time
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -28,7 +31,7 @@ from flows import pipeline
 from zipper import stages
 from zipper.config import load_params
 from zipper.runtime import RuntimeConfig
-from zipper.stages import Layout
+from zipper.graph import Layout
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
@@ -40,24 +43,15 @@ SMALL = {"zipper.chain": dict(list(_TINY_CHAIN.items())[:1]) if isinstance(_TINY
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _chain(chain) -> list[tuple[int, int]]:
-    """zipper.chain as (depth, previous depth) pairs: a {depth: prev} mapping or a list of {depth, prev}."""
-    if isinstance(chain, dict):
-        return [(int(d), int(p)) for d, p in chain.items()]
-    return [(int(item["depth"]), int(item["prev"])) for item in chain]
-
-
-def _foreach(stage: dict, chain) -> list[tuple[dict, object, callable]]:
-    """(body, depth or None, substitute) per expanded dvc.yaml stage: foreach over the chain, dict or list."""
+def _foreach(stage: dict, chain: dict) -> list[tuple[dict, object, callable]]:
+    """(body, depth or None, substitute) per expanded dvc.yaml stage: foreach over zipper.chain."""
     if "foreach" not in stage:
         return [(stage, None, lambda s: s)]
     out = []
-    for depth, prev in _chain(chain):
+    for depth, prev in chain.items():
         def sub(s: str, d=depth, p=prev) -> str:
-            for pattern, value in (("${key}", d), ("${item.depth}", d), ("${item.prev}", p), ("${item}", p)):
-                s = s.replace(pattern, str(value))
-            return s
-        out.append((stage["do"], depth, sub))
+            return s.replace("${key}", str(d)).replace("${item}", str(p))
+        out.append((stage["do"], int(depth), sub))
     return out
 
 
@@ -209,6 +203,57 @@ def test_finished_flow_run_again_does_nothing(resumed):
     assert result["register"] == resumed["result"]["register"]
 
 
+def _registry_versions(root: Path) -> int:
+    from mlflow import MlflowClient
+
+    params = load_params(root / "params.yaml")
+    client = MlflowClient(params.tracking.tracking_uri(root))
+    return len(client.search_model_versions(f"name='{params.tracking.registered_model}'"))
+
+
+def _served_run(root: Path) -> list[str]:
+    """`zipper flow serve` in its own process; one run of its deployment; the state names of its task runs."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+    from prefect.settings import PREFECT_API_URL
+
+    env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
+    serve = subprocess.Popen([sys.executable, "-m", "zipper.cli", "flow", "serve", "--params", str(root / "params.yaml"),
+                              "--root", str(root), "--cron", "0 3 * * *", "--name", "served"], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        flow_run = None
+        for _ in range(120):  # the deployment appears once serve has registered it
+            try:
+                flow_run = run_deployment(f"{pipeline.FLOW_NAME}/served", timeout=300)
+                break
+            except ObjectNotFound:
+                assert serve.poll() is None, "zipper flow serve exited"
+                time.sleep(1)
+        assert flow_run is not None and flow_run.state.is_completed(), flow_run and flow_run.state
+        with get_client(sync_client=True) as client:
+            runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
+        return sorted(r.state.name for r in runs)
+    finally:
+        serve.terminate()
+        serve.wait(timeout=60)
+
+
+@pytest.mark.slow
+def test_served_run_then_run_again_compute_nothing(resumed):
+    """A cache filled by `zipper flow run` serves the deployment's runs (another process, started from its
+    module path) and the next `zipper flow run`: every stage task is Cached, no model is registered again."""
+    root = resumed["root"]
+    versions = _registry_versions(root)
+    states = _served_run(root)
+    assert states and set(states) == {"Cached"}, states
+    _, calls = _run(root)
+    assert calls == {}, calls
+    assert _registry_versions(root) == versions
+
+
 @pytest.mark.slow
 def test_deleted_checkpoint_reruns_only_its_depth(resumed):
     layout = resumed["layout"]
@@ -348,36 +393,6 @@ def test_run_command_streams_its_output_and_fails_with_its_last_lines(caplog):
 
 
 # ------------------------------------------------------------------------- no server needed
-def test_stage_io_covers_dvc_yaml():
-    """The flow's cache identity of each stage covers what dvc.yaml declares (paths, params, code)."""
-    spec = yaml.safe_load((REPO / "dvc.yaml").read_text())
-    params = load_params(TINY)
-    layout = Layout(Path("/project"))
-    rel = lambda p: str(Path(p).relative_to(layout.root))  # noqa: E731
-    for name, stage in spec["stages"].items():
-        flow_stage = name.rstrip("0")
-        for body, depth, sub in _foreach(stage, params.zipper.chain):
-            args = [depth] if depth is not None else ([0] if name.endswith("0") else [None])
-            if flow_stage in ("data", "teachers", "features"):
-                args = params.tasks
-            ios = [pipeline.stage_io(flow_stage, params, layout, a) for a in args]
-            reads = {rel(p) for io in ios for p in io.reads}
-            writes = {rel(p) for io in ios for p in io.writes} | {rel(p) for io in ios for p, _ in io.entries}
-            code = {f"zipper/{c}" for io in ios for c in io.code}
-            keys = {k for io in ios for k in io.params}
-            for dep in map(sub, body.get("deps", [])):
-                if dep.startswith("zipper/"):
-                    assert dep in code, (name, dep, code)
-                else:  # a declared folder counts as covered when the flow reads files in it
-                    assert any(r == dep or r.startswith(dep + "/") or dep.startswith(r + "/") for r in reads), (name, dep)
-            for key in body.get("params", []):
-                assert "*" in keys or any(key == k or key.startswith(k + ".") or k.startswith(key + ".")
-                                          for k in keys), (name, key, keys)
-            for out in body.get("outs", []) + body.get("metrics", []):
-                out = sub(next(iter(out)) if isinstance(out, dict) else out)
-                assert any(out == w or out.startswith(w + "/") or w.startswith(out + "/") for w in writes), (name, out)
-
-
 def test_cache_key_follows_inputs_params_and_code_not_the_run(tmp_path):
     params = load_params(TINY)
     layout = Layout(tmp_path)

@@ -166,10 +166,14 @@ def test_deleting_the_last_depth_reruns_only_it_and_what_follows(project):
     assert "zip@3" in ran and ran <= {"zip@3", "evaluate@3", "report", "register"}, ran
 
 
-def test_changing_calibrate_reruns_zip_and_evaluate_only(project):
+def test_changing_init_reruns_every_depth_and_its_evaluation(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
-    params["calibrate"]["lr"] = params["calibrate"]["lr"] / 2
+    params["zipper"]["init"] = "weights"
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = _ran(_run(project, "dvc", "repro"))
-    assert {"zip@1", "zip@2", "zip@3", "evaluate@1", "evaluate@2", "evaluate@3"} <= ran, ran
-    assert not ran & {"data", "teachers", "features", "zip0"}, ran
+    assert {"zip@1", "zip@2", "zip@3", "evaluate@1", "evaluate@2", "evaluate@3", "report"} <= ran, ran
+    assert not ran & {"data", "teachers", "features", "zip0", "evaluate0"}, ran
+    # Each row says the init its checkpoint was made with; the report says it too.
+    assert [json.loads((project / f"metrics/depth_{d}.json").read_text())["init"] for d in DEPTHS] == \
+        [None, "weights", "weights", "weights"]
+    assert "init `weights`" in (project / "reports/table.md").read_text()

@@ -21,7 +21,7 @@ def _params(args: argparse.Namespace):
 
 
 def _layout(args: argparse.Namespace):
-    from .stages import Layout
+    from .graph import Layout
 
     return Layout(Path(args.root))
 
@@ -96,6 +96,12 @@ def _promote(args: argparse.Namespace) -> None:
     from .tracking import promote
 
     print(json.dumps(promote(_params(args), args.root, max_drop=args.max_drop, depth=args.depth), indent=2))
+
+
+def _dvc_yaml(args: argparse.Namespace) -> None:
+    from .dvc_yaml import render
+
+    print(render(_params(args)), end="")
 
 
 def _bench(args: argparse.Namespace) -> None:
@@ -179,6 +185,10 @@ def build_parser() -> argparse.ArgumentParser:
     choice.add_argument("--max-drop", type=float, metavar="PCT", help="deepest depth whose worst per-task drop <= PCT points")
     choice.add_argument("--depth", type=int, metavar="K")
     p.set_defaults(func=_promote)
+
+    p = sub.add_parser("dvc-yaml", parents=[common], help="print dvc.yaml as the stage graph and params make it "
+                       "(zipper dvc-yaml > dvc.yaml after changing the tasks or imported teachers)")
+    p.set_defaults(func=_dvc_yaml)
 
     bench_p = sub.add_parser("bench", help="benchmarks")
     bench_sub = bench_p.add_subparsers(dest="bench", required=True)

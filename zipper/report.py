@@ -93,7 +93,8 @@ def write_report(rows: Sequence[dict[str, Any]], out_dir: str | Path, *, tasks: 
     out_dir = Path(out_dir)
     table = markdown_table(rows, tasks)
     r0 = rows[0]
-    header = (f"# Zipper report\n\nscope `{r0['scope']}`, init `{r0['init']}`; teachers: "
+    inits = ", ".join(sorted({r["init"] for r in rows if r["init"]})) or "-"  # as each checkpoint records it
+    header = (f"# Zipper report\n\nscope `{r0['scope']}`, init `{inits}`; teachers: "
               + ", ".join(f"{t} {100 * r0['teacher_acc'][t]:.2f}%" for t in tasks)
               + ". Ratios are teachers run one after the other / zipper (bigger is better); "
                 "accuracy in brackets: change against the teacher in points.\n\n")

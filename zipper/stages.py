@@ -1,7 +1,8 @@
 """The pipeline's stage functions. DVC (`zipper <stage>`) and Prefect (flows/) both call these.
 
-Each stage reads its inputs and writes its outputs at the paths of a `Layout`, atomically, and
-records in every checkpoint what made it (its params section hashes and its inputs' sha256).
+Each stage reads its inputs and writes its outputs at the paths of a `Layout` (zipper/graph.py declares
+which), atomically, and records in every checkpoint what made it (its params section hashes and its
+inputs' sha256).
 """
 from __future__ import annotations
 
@@ -9,57 +10,16 @@ import fcntl
 import json
 import logging
 import shutil
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
 from .config import Params
+from .graph import Layout
 from .io import sha256_file, write_json, write_text
 from .runtime import CPU, Runtime
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """Where every stage's inputs and outputs live, relative to the project root (mirrored by dvc.yaml)."""
-
-    root: Path = Path(".")
-
-    def shards(self, task: str) -> Path:
-        return self.root / "data" / "shards" / task
-
-    def teacher(self, task: str) -> Path:
-        return self.root / "models" / "teachers" / f"{task}.pt"
-
-    @property
-    def teacher_metrics(self) -> Path:
-        return self.root / "metrics" / "teachers.json"
-
-    def features(self, task: str) -> Path:
-        return self.root / "data" / "features" / task
-
-    def zipped(self, depth: int) -> Path:
-        return self.root / "models" / "zip" / f"depth_{depth}.pt"
-
-    def curves(self, depth: int) -> Path:
-        return self.root / "models" / "zip" / f"depth_{depth}.curves.json"
-
-    def partial(self, depth: int) -> Path:
-        """Resumable mid-calibration state (not a DVC output: removed when the depth completes)."""
-        return self.root / "models" / "zip" / f"depth_{depth}.partial.pt"
-
-    def metrics(self, depth: int) -> Path:
-        return self.root / "metrics" / f"depth_{depth}.json"
-
-    @property
-    def reports(self) -> Path:
-        return self.root / "reports"
-
-    @property
-    def report_files(self) -> tuple[Path, ...]:
-        """What the report stage writes (summary.json is the one DVC metrics file)."""
-        return tuple(self.reports / f for f in ("table.md", "summary.json", "depths.json", "accuracy.png", "ratios.png"))
 
 
 # ----------------------------------------------------------------------------------------- data
@@ -216,6 +176,7 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     log.info("depth %d: merged from %s (init %s), calibrating with %s teacher targets on %s",
              depth, prev_path.name, params.zipper.init, targets, runtime.describe())
     # What else decides the result: a partial checkpoint made from other inputs must not be resumed.
+    provenance["init"] = params.zipper.init  # evaluate reports it from here, not from params that may have moved on
     resume_key = {**provenance, "prev_sha256": sha256_file(prev_path), "targets": targets}
     curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth), runtime=runtime,
                        resume_key=resume_key)
@@ -252,7 +213,7 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory,
                    teachers_side=side)
     curves = json.loads(layout.curves(depth).read_text())
-    row = {"depth": depth, "scope": net.spec.scope, "init": params.zipper.init, "targets": curves["targets"],
+    row = {"depth": depth, "scope": net.spec.scope, "init": net.provenance.get("init"), "targets": curves["targets"],
            "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),
            "final_loss": curves["loss"][-1] if curves["loss"] else None,
            **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
@@ -283,6 +244,6 @@ def run_register(params: Params, layout: Layout) -> dict[str, Any]:
     from .tracking import log_pipeline
 
     summary = log_pipeline(params, layout, collect_metrics(params, layout))
-    write_json(layout.reports / "mlflow.json", summary)
+    write_json(layout.mlflow_runs, summary)
     return summary
 

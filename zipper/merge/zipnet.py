@@ -59,6 +59,7 @@ class ZipperNet(nn.Module):
     def __init__(self, spec: ZipperSpec) -> None:
         super().__init__()
         self.spec = spec
+        self.provenance: dict[str, object] = {}  # what made it, as its checkpoint records (filled by `load`)
         parts = {t: spec.backbone(n) for t, n in spec.tasks}
         self.num_blocks = next(iter(parts.values())).num_blocks
         if not 0 <= spec.depth <= self.num_blocks:
@@ -201,6 +202,7 @@ def load(path: str | os.PathLike) -> ZipperNet:
     orders = ckpt.get("tap_orders") or {}
     _check_tap_orders(net, orders, path)
     net.tap_orders.update({t: dict(o) for t, o in orders.items()})
+    net.provenance = dict(ckpt.get("provenance") or {})
     return net
 
 
