@@ -8,6 +8,7 @@ import zipper
 from zipper import evaluate
 from zipper.bench import PAPER_TABLE1
 from zipper.merge import ZipperNet, ZipperSpec
+from zipper.models import ARCHS
 
 from .conftest import TINY, blob_task
 
@@ -64,6 +65,17 @@ def test_macs_halve_at_full_depth_block_scope_and_equal_at_depth_zero():
     assert full == pytest.approx(teachers / 2, rel=0.01)  # the trunk runs once; only the heads run twice
     # Full-size sanity: MobileNetV1-1.0 at 224 px is the well-known ~569M MACs.
     assert evaluate.count_macs(_meta_teachers()[0], 224) == pytest.approx(569e6, rel=0.01)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_count_macs_agrees_with_torchs_flop_counter(arch):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model = zipper.build_model(arch, 10, width=0.5, input_size=32).eval()
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.zeros(2, 3, 32, 32))
+    assert evaluate.count_macs(model, 32, batch=2) == counter.get_total_flops() // 2
 
 
 @pytest.mark.parametrize("scope", ["block", "pointwise"])

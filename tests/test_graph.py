@@ -113,3 +113,13 @@ def test_code_deps_name_everything_the_stage_runs(stage):
     missing = sorted(str(p.relative_to(PACKAGE)) for p in runs if p.name != "graph.py"
                      and not any(p == d or d in p.parents for d in declared))
     assert not missing, f"{stage.name} runs {missing}, which its code deps do not name"
+
+
+def test_stages_warn_when_dvc_yaml_is_stale(tmp_path, caplog):
+    (tmp_path / "dvc.yaml").write_text(render(load_params(TINY)))
+    renamed = tmp_path / "params.yaml"
+    renamed.write_text(TINY.read_text().replace("textures", "patterns"))
+    for params, stale in ((TINY, False), (renamed, True)):
+        caplog.clear()
+        assert main(["report", "--params", str(params), "--root", str(tmp_path)]) == 2  # no metrics yet
+        assert ("regenerate it with `zipper dvc-yaml > dvc.yaml`" in caplog.text) == stale, caplog.text

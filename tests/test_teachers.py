@@ -109,9 +109,10 @@ def test_teachers_side_by_side_equal_one_after_the_other(tmp_path):
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stderr
 
-    zipper("data")
+    log = zipper("data", "--threads", "2")
+    assert "data: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
     log = zipper("teachers", "--threads", "2")
-    assert "training teachers side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
+    assert "teachers: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
     side_by_side = {t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True) for t in ("shapes", "textures")}
     log = zipper("teachers", "--threads", "1")
     assert "side by side" not in log

@@ -67,10 +67,11 @@ def teacher_targets(teacher: nn.Module, batch: tuple, runtime: Runtime = CPU
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(x, y, teacher logits, teacher taps) on the runtime's device: from the cache when the batch
     carries them, else from the teacher's forward (online)."""
-    batch = runtime.batch(batch)
-    if len(batch) == 4:
-        return batch
-    x, y = batch
+    if len(batch) == 4:  # cached: the taps keep their layout (converting them to channels_last costs more than it saves)
+        x, y, logits, taps = batch
+        return runtime.tensor(x), runtime.tensor(y), runtime.tensor(logits), \
+            {k: v.to(runtime.device, non_blocking=True) for k, v in taps.items()}
+    x, y = runtime.batch(batch)
     with torch.no_grad(), runtime.autocast():
         logits, feats = teacher.forward_intermediates(x)
     taps = set(teacher.pointwise_taps())

@@ -27,6 +27,8 @@ def _layout(args: argparse.Namespace):
 
 
 DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train; the rest run in one process
+PER_TASK_STAGES = ("data", "teachers", "features")  # --task runs one task
+SIDE_BY_SIDE_STAGES = ("data", "teachers")  # on a CPU, one process per task (features: too short to gain)
 
 
 def _stage(name: str):
@@ -34,11 +36,12 @@ def _stage(name: str):
         from . import runtime, stages
 
         params = _params(args)
+        _warn_if_dvc_yaml_is_stale(params, Path(args.root))
         runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
         if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
             return _torchrun(params.runtime.nproc_per_node, args.argv)
-        if name == "teachers" and not args.task and (per_task := _teachers_side_by_side(params, args.threads)):
-            return _run_per_task(args.argv, per_task)
+        if name in SIDE_BY_SIDE_STAGES and not args.task and (per_task := _side_by_side(name, params, args.threads)):
+            return _run_per_task(name, args.argv, per_task)
         if name not in DATA_PARALLEL_STAGES and runtime.launched_by_torchrun():
             raise ValueError(f"zipper {name} runs in one process; launch only {' and '.join(DATA_PARALLEL_STAGES)} "
                              "under torchrun")
@@ -54,28 +57,41 @@ def _stage(name: str):
     return run
 
 
-def _teachers_side_by_side(params, threads: int | None) -> dict[str, int]:
-    """Tasks -> torch threads each, when the teachers to train should run side by side, one process per
-    task: on a CPU with threads for more than one (a small net trains far better on one core each than
-    on several cores one after the other). Empty when they train in this process."""
+def _warn_if_dvc_yaml_is_stale(params, root: Path) -> None:
+    """A generated dvc.yaml names the tasks' plots and the imported teachers of the params it was made from."""
+    from .dvc_yaml import HEADER, render
+
+    path = root / "dvc.yaml"
+    text = path.read_text() if path.is_file() else ""
+    if text.startswith(HEADER) and text != render(params):
+        logging.getLogger(__name__).warning("%s does not match these params (task names or teachers.checkpoints "
+                                            "changed): regenerate it with `zipper dvc-yaml > dvc.yaml`", path)
+
+
+def _side_by_side(name: str, params, threads: int | None) -> dict[str, int]:
+    """Tasks -> torch threads each, when a per-task stage should run one process per task, side by side:
+    on a CPU with threads for more than one (a small net trains far better on one core each than on
+    several cores one after the other; generating and decoding images is single-threaded anyway).
+    Empty when the stage runs its tasks in this process."""
     import torch
 
     from .runtime import launched_by_torchrun, resolve_device
 
     total = (params.runtime.threads if threads is None else threads) or torch.get_num_threads()  # 0: torch's default
-    to_train = [t for t in params.tasks if t not in params.teachers.checkpoints]
-    if (len(to_train) < 2 or total < 2 or params.runtime.nproc_per_node > 1 or launched_by_torchrun()
-            or resolve_device(params.runtime.device).type != "cpu"):
+    tasks = [t for t in params.tasks if name != "teachers" or t not in params.teachers.checkpoints]
+    on_cpu = name == "data" or resolve_device(params.runtime.device).type == "cpu"
+    if len(tasks) < 2 or total < 2 or params.runtime.nproc_per_node > 1 or launched_by_torchrun() or not on_cpu:
         return {}
-    return {t: max(1, total // len(to_train)) for t in to_train}
+    return {t: max(1, total // len(tasks)) for t in tasks}
 
 
-def _run_per_task(argv: list[str], threads: dict[str, int]) -> int:
-    """Run this teachers command once per task, all at once; the first failure's exit code."""
+def _run_per_task(name: str, argv: list[str], threads: dict[str, int]) -> int:
+    """Run this stage command once per task, all at once; the first failure's exit code."""
     import subprocess
 
     log = logging.getLogger(__name__)
-    log.info("training teachers side by side: %s", ", ".join(f"{t} ({n} thread(s))" for t, n in threads.items()))
+    log.info("%s: one process per task, side by side: %s", name,
+             ", ".join(f"{t} ({n} thread(s))" for t, n in threads.items()))
     procs = [subprocess.Popen([sys.executable, "-m", "zipper.cli", *argv, "--task", t, "--threads", str(n)])
              for t, n in threads.items()]
     codes = [p.wait() for p in procs]
@@ -164,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--root", default=".", help="project root holding data/, models/, metrics/, reports/")
     common.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.steps=50")
     common.add_argument("--threads", type=int, help="torch threads per process (default: runtime.threads); on a "
-                        "CPU, teachers shares them among the tasks, trained side by side")
+                        "CPU, data and teachers share them among the tasks, run side by side")
     sub = parser.add_subparsers(dest="command", required=True)
 
     stage_help = {"data": "shard each task's source into WebDataset tars", "teachers": "train or import the teachers",
@@ -176,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, parents=[common], help=text)
         if name in ("zip", "evaluate"):
             p.add_argument("--depth", type=int, required=True)
-        if name in ("data", "teachers", "features"):
+        if name in PER_TASK_STAGES:
             p.add_argument("--task", action="append", help="only this task (repeatable; default: all)")
         p.set_defaults(func=_stage(name))
 

@@ -3,9 +3,9 @@ latency against the teachers (interleaved, in-process) and peak runtime memory (
 """
 from __future__ import annotations
 
-import copy
 import ctypes
 import gc
+import math
 import multiprocessing as mp
 import re
 import statistics
@@ -16,7 +16,6 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .runtime import CPU, Runtime
 
@@ -94,31 +93,33 @@ def count_conv_weights(model: nn.Module) -> int:
 
 
 def count_macs(model: nn.Module, input_size: int | tuple[int, int], batch: int = 1, in_channels: int = 3) -> int:
-    """Multiply-accumulates of one forward pass, from torch's flop counter (MACs = flops / 2).
+    """Multiply-accumulates of one forward pass: every convolution and linear layer call (not BN,
+    activations or pooling), from its output shape.
 
-    Counts convolutions and matrix products (not BN, activations or pooling). The pass runs
-    on a meta-device copy (shapes only: fast, no memory); `model` itself is not touched.
+    One no-grad pass in eval mode where the model lives (meta tensors work: shapes only); its weights,
+    buffers and mode are left as they were. torch's FlopCounterMode counts the same (flops / 2; a test
+    checks), but it and meta-device kernels take seconds to load.
     """
     h, w = (input_size, input_size) if isinstance(input_size, int) else input_size
-    x = torch.zeros(batch, in_channels, h, w, device="meta")
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        _meta_copy(model).eval()(x)
-    return counter.get_total_flops() // 2
+    total = 0
 
+    def count(module: nn.Module, _inputs: Any, out: torch.Tensor) -> None:
+        nonlocal total
+        if isinstance(module, nn.Linear):
+            total += out.numel() * module.in_features
+        else:
+            total += out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
-def _meta_copy(model: nn.Module) -> nn.Module:
-    """A deep copy whose tensors are meta stand-ins (shared tensors stay shared, no data copied).
-
-    Not `torch.func.functional_call`: with weights shared between modules (scope "pointwise") it
-    leaves meta tensors behind in the original model (torch 2.14).
-    """
-    memo: dict[int, Any] = {}
-    for p in model.parameters():
-        memo[id(p)] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=p.requires_grad)
-    for b in model.buffers():
-        memo[id(b)] = torch.empty_like(b, device="meta")
-    return copy.deepcopy(model, memo)
+    handles = [m.register_forward_hook(count) for m in model.modules()
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), _eval_mode(model):
+            model(torch.zeros(batch, in_channels, h, w, device=device))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return total
 
 
 # ---------------------------------------------------------------- latency
@@ -240,6 +241,21 @@ def peak_memory(desc: ModelDesc, *, batch: int = 1, threads: int = 1, timeout: f
     return measure_memory(desc, batch=batch, threads=threads, timeout=timeout)["peak"]
 
 
+def _probe_context() -> Any:
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["zipper.evaluate"])  # import torch once, in the server
+    return ctx
+
+
+def start_memory_probes() -> None:
+    """Start the memory probes' fork server now: it spends seconds importing torch, which can overlap
+    whatever the caller does before its first `measure_memory`."""
+    from multiprocessing import forkserver
+
+    _probe_context()
+    forkserver.ensure_running()
+
+
 def measure_memory(desc: ModelDesc, *, batch: int = 1, threads: int = 1, timeout: float = 300.0) -> dict[str, int]:
     """Measured peak memory (bytes) of one no-grad forward pass, in a fresh child process.
 
@@ -252,8 +268,7 @@ def measure_memory(desc: ModelDesc, *, batch: int = 1, threads: int = 1, timeout
     forward allocates) and `model` = resident bytes the build added. Linux only.
     """
     _described_input_size(desc)  # a bad description fails here, not in the child
-    ctx = mp.get_context("forkserver")
-    ctx.set_forkserver_preload(["zipper.evaluate"])  # import torch once, in the server
+    ctx = _probe_context()
     receive, send = ctx.Pipe(duplex=False)
     proc = ctx.Process(target=_memory_child, args=(send, list(desc), int(batch), int(threads)), daemon=True)
     proc.start()

@@ -191,12 +191,14 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
     from .data import val_batches
-    from .evaluate import evaluate_zipper, profile, teacher_stats, throughput
+    from .evaluate import evaluate_zipper, profile, start_memory_probes, teacher_stats, throughput
     from .merge import load as load_zipper
 
+    cfg = params.evaluate
+    if cfg.memory:
+        start_memory_probes()
     net = load_zipper(layout.zipped(depth)).eval()
     teachers = load_teachers(params, layout)
-    cfg = params.evaluate
     runtime = Runtime.from_config(params.runtime)
     val = {t: val_batches(layout.shards(t), input_size=params.teachers.input_size, batch_size=cfg.batch_size,
                           num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)

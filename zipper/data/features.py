@@ -18,8 +18,10 @@ sha256, input size, tap names / shapes and total bytes; `cache_matches` compares
 """
 from __future__ import annotations
 
+import functools
 import io
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -55,7 +57,24 @@ def _npy(a: np.ndarray) -> bytes:
 
 
 def _load_npy(data: bytes) -> np.ndarray:
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    """An .npy member's array. Every sample's members share a few headers (one per array shape), and
+    numpy parses a header with `ast` (slow next to the copy): each distinct header is parsed once."""
+    if len(data) < 10 or data[:6] != b"\x93NUMPY" or data[6] != 1:
+        return np.load(io.BytesIO(data), allow_pickle=False)  # other versions, or numpy's own error
+    end = 10 + int.from_bytes(data[8:10], "little")
+    dtype, shape = _npy_header(data[:end])
+    array = np.frombuffer(data, dtype=dtype, count=math.prod(shape), offset=end)
+    return array.reshape(shape).copy()  # writable, as np.load gives it
+
+
+@functools.lru_cache(maxsize=64)
+def _npy_header(header: bytes) -> tuple[np.dtype, tuple[int, ...]]:
+    stream = io.BytesIO(header)
+    np.lib.format.read_magic(stream)
+    shape, fortran_order, dtype = np.lib.format.read_array_header_1_0(stream)
+    if fortran_order or dtype.hasobject:
+        raise ValueError("feature cache arrays are C-ordered plain numbers")
+    return dtype, tuple(shape)
 
 
 def _tar_bytes(size: int) -> int:
