@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the build served from local disk on our machines (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-isa install bench clean
+.PHONY: demo test test-fast test-isa install bench clean
 
 $(VENV)/.installed: pyproject.toml
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,10 @@ demo: install
 
 test: install
 	$(PY) -m pytest -q
+
+# Everything but the end-to-end runs (seconds to minutes each): about a third of `make test`.
+test-fast: install
+	$(PY) -m pytest -q -m "not slow"
 
 # The fast tier and every training-dependent test once per CPU kernel path this machine can emulate.
 test-isa: install

@@ -9,6 +9,7 @@ import yaml
 from zipper.config import load_params
 
 REPO = Path(__file__).resolve().parents[1]
+TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
 
 
 @pytest.mark.parametrize("path", ["params.yaml", "tests/fixtures/params.tiny.yaml"])
@@ -46,6 +47,27 @@ def test_bad_params_name_the_key(tmp_path, mutate, match):
 def test_overrides_apply_dotted_keys():
     params = load_params(REPO / "tests/fixtures/params.tiny.yaml", {"calibrate.steps": 3, "zipper.init": "weights"})
     assert params.calibrate.steps == 3 and params.zipper.init == "weights"
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value and key != "chain":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def test_tiny_fixture_is_params_yaml_with_these_keys_changed():
+    shipped, tiny = (_flat(yaml.safe_load(p.read_text())) for p in (REPO / "params.yaml", TINY))
+    assert set(tiny) <= set(shipped)
+    changed = {k for k in shipped if tiny.get(k, "unset") != shipped[k]}
+    sizes = {f"data.tasks.{t}.{n}" for t in ("shapes", "textures") for n in ("n_train", "n_val")}
+    assert changed == sizes | {  # small and fast: 16 px, few images and steps, 3 depths, one thread
+        "teachers.input_size", "teachers.steps", "teachers.batch_size", "teachers.lr", "teachers.label_smoothing",
+        "zipper.chain", "calibrate.steps", "calibrate.batch_size", "calibrate.bn_reset_batches",
+        "calibrate.checkpoint_every", "evaluate.latency_repeats", "runtime.threads", "runtime.channels_last"}
 
 
 def test_missing_file_is_named(tmp_path):

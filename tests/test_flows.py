@@ -26,8 +26,9 @@ import pytest
 import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.task_runners import ThreadPoolTaskRunner
 
-from flows import pipeline
+from zipper.flows import cache, commands, pipeline, runners
 from zipper import stages
 from zipper.config import load_params
 from zipper.runtime import RuntimeConfig
@@ -167,9 +168,9 @@ def test_flow_writes_what_dvc_writes(resumed):
     missing = sorted(p for p in expected
                      if not (root / p).exists() or (root / p).is_dir() and not any((root / p).iterdir()))
     assert not missing, f"declared by dvc.yaml but not written by the flow: {missing}"
-    for task in params.tasks:
-        assert (layout.shards(task) / "manifest.json").is_file() and layout.teacher(task).is_file()
-        assert any(layout.features(task).iterdir())
+    for name in params.tasks:
+        assert (layout.shards(name) / "manifest.json").is_file() and layout.teacher(name).is_file()
+        assert any(layout.features(name).iterdir())
     for depth in [0, *params.zipper.depths]:
         assert layout.zipped(depth).is_file() and layout.curves(depth).is_file()
         assert not layout.partial(depth).exists()
@@ -294,26 +295,26 @@ def test_gpu_tasks_run_only_on_workers_that_declare_a_gpu(prefect_server):
     from distributed import Scheduler, SpecCluster, Worker
 
     cuda, cpu = RuntimeConfig(device="cuda"), RuntimeConfig(device="cpu")
-    assert pipeline.task_resources("zip", cuda) == pipeline.task_resources("teachers", cuda) == {"GPU": 1}
-    assert pipeline.task_resources("teachers", RuntimeConfig(device="cuda:1", nproc_per_node=4)) == {"GPU": 4}
-    assert pipeline.task_resources("evaluate", cuda) == pipeline.task_resources("features", cuda) == {}
-    assert pipeline.task_resources("zip", cpu) == pipeline.task_resources("zip", RuntimeConfig()) == {}  # auto: nothing
+    assert runners.task_resources("zip", cuda) == runners.task_resources("teachers", cuda) == {"GPU": 1}
+    assert runners.task_resources("teachers", RuntimeConfig(device="cuda:1", nproc_per_node=4)) == {"GPU": 4}
+    assert runners.task_resources("evaluate", cuda) == runners.task_resources("features", cuda) == {}
+    assert runners.task_resources("zip", cpu) == runners.task_resources("zip", RuntimeConfig()) == {}  # auto: nothing
 
-    host = {"host": pipeline.LOOPBACK}
+    host = {"host": runners.LOOPBACK}
     spec = {"gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}},
             "cpu": {"cls": Worker, "options": {"nthreads": 1, **host}}}
-    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": f"{pipeline.LOOPBACK}:0", **host}},
+    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": f"{runners.LOOPBACK}:0", **host}},
                      workers=spec) as cluster:
-        runner = pipeline.make_task_runner("dask", cluster.scheduler_address)  # as `--dask-address`
+        runner = runners.make_task_runner("dask", cluster.scheduler_address)  # as `--dask-address`
 
         @flow(task_runner=runner)
         def placement() -> dict[str, list[str]]:
             from prefect.context import FlowRunContext
 
-            gpu = pipeline.task_resources("zip", cuda)
-            pipeline.check_gpu_workers(FlowRunContext.get().task_runner, gpu)  # there is one: no error
-            on_gpu = [pipeline.submit(_worker_name, i, resources=gpu) for i in range(4)]
-            anywhere = [pipeline.submit(_worker_name, i, resources=pipeline.task_resources("evaluate", cuda))
+            gpu = runners.task_resources("zip", cuda)
+            runners.check_gpu_workers(FlowRunContext.get().task_runner, gpu)  # there is one: no error
+            on_gpu = [runners.submit(_worker_name, i, resources=gpu) for i in range(4)]
+            anywhere = [runners.submit(_worker_name, i, resources=runners.task_resources("evaluate", cuda))
                         for i in range(4, 8)]
             return {"gpu": [f.result() for f in on_gpu], "any": [f.result() for f in anywhere]}
 
@@ -327,8 +328,8 @@ def test_local_cluster_listens_on_loopback_and_refuses_gpu_tasks_it_cannot_run()
     the advertised link: Dask's default binds the dashboard to every interface); no GPU worker, no wait."""
     import psutil
 
-    assert pipeline.make_task_runner("dask", gpus=2).cluster_kwargs["resources"] == {"GPU": 2}
-    runner = pipeline.make_task_runner("dask", n_workers=0, gpus=0)  # the CLI's kwargs, without worker processes
+    assert runners.make_task_runner("dask", gpus=2).cluster_kwargs["resources"] == {"GPU": 2}
+    runner = runners.make_task_runner("dask", n_workers=0, gpus=0)  # the CLI's kwargs, without worker processes
     assert "resources" not in runner.cluster_kwargs
     with runner:
         client = runner.client
@@ -339,8 +340,8 @@ def test_local_cluster_listens_on_loopback_and_refuses_gpu_tasks_it_cannot_run()
                      if c.status == psutil.CONN_LISTEN}
         assert listening[scheduler.port] == listening[dashboard.port] == "127.0.0.1", listening
         with pytest.raises(ValueError, match="LocalCluster has no such worker"):
-            pipeline.check_gpu_workers(runner, {"GPU": 1})
-    pipeline.check_gpu_workers(pipeline.ThreadPoolTaskRunner(), {"GPU": 1})  # not Dask: nothing to check
+            runners.check_gpu_workers(runner, {"GPU": 1})
+    runners.check_gpu_workers(ThreadPoolTaskRunner(), {"GPU": 1})  # not Dask: nothing to check
 
 
 def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_path, monkeypatch):
@@ -353,9 +354,9 @@ def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_
     overrides = {"runtime.nproc_per_node": 2, "calibrate.lr": 1e-5, "zipper.chain": {"1": 0}, "tracking.uri": ""}
     params = load_params(TINY, overrides)
     layout = Layout(tmp_path)
-    cli = pipeline.cli_args(TINY, tmp_path, overrides)
-    commands, threads, in_process = [], [], []
-    monkeypatch.setattr(pipeline, "run_command", lambda cmd, *a, **k: commands.append(cmd))
+    cli = commands.cli_args(TINY, tmp_path, overrides)
+    ran, threads, in_process = [], [], []
+    monkeypatch.setattr(commands, "run_command", lambda cmd, *a, **k: ran.append(cmd))
     monkeypatch.setattr(runtime, "set_threads", threads.append)
     for name in STAGES:
         monkeypatch.setattr(stages, f"run_{name}", lambda *a, _n=name, **k: in_process.append(_n) or {"shapes": 0.5})
@@ -365,7 +366,7 @@ def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_
     assert pipeline.teachers_task.fn(params, layout, "shapes", cli)["val_acc"] == 0.75
     pipeline.zip_task.fn(params, layout, 1, cli)
     assert in_process == [] and threads == []
-    for cmd, stage, extra in zip(commands, ("teachers", "zip"), (["--task", "shapes"], ["--depth", "1"])):
+    for cmd, stage, extra in zip(ran, ("teachers", "zip"), (["--task", "shapes"], ["--depth", "1"])):
         assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-2:] == extra
         args = build_parser().parse_args(cmd[3:])  # what the command line will parse
         assert (Path(args.params), Path(args.root)) == (TINY.resolve(), tmp_path.resolve())
@@ -376,16 +377,16 @@ def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_
     single = load_params(TINY, {"runtime.threads": 3})
     pipeline.zip_task.fn(single, layout, 1, cli)
     pipeline.evaluate_task.fn(single, layout, 1)
-    assert in_process == ["zip", "evaluate"] and threads == [3, 3] and len(commands) == 2
+    assert in_process == ["zip", "evaluate"] and threads == [3, 3] and len(ran) == 2
 
 
 def test_run_command_streams_its_output_and_fails_with_its_last_lines(caplog):
     logger = logging.getLogger("zipper.test.command")
     script = "import sys\nfor i in range(60): print('line', i)\nprint('boom', file=sys.stderr)\nsys.exit(3)"
     with caplog.at_level(logging.INFO, logger=logger.name):
-        with pytest.raises(pipeline.StageCommandError, match="exited with status 3") as failure:
-            pipeline.run_command([sys.executable, "-c", script], logger)
-        pipeline.run_command([sys.executable, "-c", "print('fine')"], logger)
+        with pytest.raises(commands.StageCommandError, match="exited with status 3") as failure:
+            commands.run_command([sys.executable, "-c", script], logger)
+        commands.run_command([sys.executable, "-c", "print('fine')"], logger)
     logged = [r.getMessage() for r in caplog.records]
     assert "line 0" in logged and "boom" in logged and "fine" in logged  # every line, stderr too
     message = str(failure.value)
@@ -400,16 +401,16 @@ def test_cache_key_follows_inputs_params_and_code_not_the_run(tmp_path):
     (layout.shards("shapes") / "manifest.json").write_text("{}")
     layout.teacher("shapes").parent.mkdir(parents=True)
     layout.teacher("shapes").write_bytes(b"weights")
-    key = pipeline.stage_key("features", params, layout, "shapes")
-    assert pipeline.stage_key("features", params, layout, "shapes") == key
-    assert pipeline.stage_key("features", params, layout, "textures") != key
+    key = cache.stage_key("features", params, layout, "shapes")
+    assert cache.stage_key("features", params, layout, "shapes") == key
+    assert cache.stage_key("features", params, layout, "textures") != key
     layout.teacher("shapes").write_bytes(b"other weights")
-    changed = pipeline.stage_key("features", params, layout, "shapes")
+    changed = cache.stage_key("features", params, layout, "shapes")
     assert changed != key
-    assert pipeline.stage_key("features", load_params(TINY, {"features.batch_size": 7}), layout, "shapes") != changed
-    assert pipeline.stage_key("features", load_params(TINY, {"calibrate.lr": 0.5}), layout, "shapes") == changed
-    state = pipeline.output_state("teachers", params, layout, "shapes")
-    assert not pipeline.outputs_complete(state)  # teachers.json has no entry for it yet
+    assert cache.stage_key("features", load_params(TINY, {"features.batch_size": 7}), layout, "shapes") != changed
+    assert cache.stage_key("features", load_params(TINY, {"calibrate.lr": 0.5}), layout, "shapes") == changed
+    state = cache.output_state("teachers", params, layout, "shapes")
+    assert not cache.outputs_complete(state)  # teachers.json has no entry for it yet
 
 
 def test_retries_only_on_io_errors():
@@ -429,7 +430,7 @@ def test_serve_options_and_prefect_yaml():
     deployment = pipeline.zipper_pipeline.to_deployment(
         **pipeline.deployment_options("params.yaml", ".", {"calibrate.steps": 5}, "0 3 * * *", "nightly"))
     assert deployment.name == "nightly" and deployment.schedules[0].schedule.cron == "0 3 * * *"
-    assert deployment.entrypoint == "flows.pipeline.zipper_pipeline"  # importable wherever serve runs
+    assert deployment.entrypoint == "zipper.flows.pipeline.zipper_pipeline"  # importable wherever serve runs
     assert deployment.parameters == {"params_path": str(Path("params.yaml").resolve()),
                                      "root": str(Path(".").resolve()), "overrides": {"calibrate.steps": 5}}
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
@@ -440,4 +441,4 @@ def test_serve_options_and_prefect_yaml():
         assert flow.name == pipeline.FLOW_NAME
         assert set(dep["parameters"]) == {"params_path", "root", "overrides"}
         env = dep["work_pool"]["job_variables"]["env"]
-        assert dep["work_pool"]["name"] and env["ZIPPER_TASK_RUNNER"] in pipeline.RUNNERS
+        assert dep["work_pool"]["name"] and env["ZIPPER_TASK_RUNNER"] in runners.RUNNERS

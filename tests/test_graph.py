@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from flows import pipeline
+from zipper.flows import cache
 from zipper import graph
 from zipper.cli import main
 from zipper.config import load_params
@@ -40,7 +40,7 @@ def test_flow_and_dvc_run_the_same_stage_objects():
     assert all(any(s is t for t in STAGES) for s in flow_stages)
     assert {s.name for s in flow_stages} == {s.name for s in STAGES}
     assert list(yaml.safe_load(render(params))["stages"]) == [s.name for s in STAGES]
-    assert pipeline.stage_io is graph.stage_io  # the flow's cache identity reads the same declaration
+    assert cache.stage_io is graph.stage_io  # the flow's cache identity reads the same declaration
     assert stage_of("zip", 0).name == "zip0" and stage_of("zip", 2).name == "zip"
 
 

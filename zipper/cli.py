@@ -7,6 +7,8 @@ import logging
 import sys
 from pathlib import Path
 
+from .graph import DATA_PARALLEL_STAGES, Layout
+
 
 def _overrides(args: argparse.Namespace) -> dict:
     from .config import parse_overrides
@@ -21,12 +23,9 @@ def _params(args: argparse.Namespace):
 
 
 def _layout(args: argparse.Namespace):
-    from .graph import Layout
-
     return Layout(Path(args.root))
 
 
-DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train; the rest run in one process
 PER_TASK_STAGES = ("data", "teachers", "features")  # --task runs one task
 SIDE_BY_SIDE_STAGES = ("data", "teachers")  # on a CPU, one process per task (features: too short to gain)
 
@@ -138,7 +137,7 @@ def _bench_calibrate(args: argparse.Namespace) -> None:
 
 
 def _flow(args: argparse.Namespace) -> None:
-    from flows import pipeline
+    from .flows import pipeline
 
     overrides = _overrides(args)
     if args.flow_command == "run":

@@ -28,6 +28,8 @@ REPORT_FILES = (TABLE, SUMMARY, DEPTHS, ACCURACY_PLOT, RATIOS_PLOT)
 MLFLOW_RUNS = f"{REPORTS}/mlflow.json"  # run ids of this machine's MLflow store: not committed
 COMMITTED = (TEACHER_METRICS, METRICS, *REPORT_FILES)  # small outputs that live in git, not the DVC cache
 
+DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train (torchrun); the rest run in one process
+
 # Every stage runs these (the stage functions, params validation and defaults, file and device helpers).
 COMMON_CODE = ("stages.py", "config.py", "io.py", "runtime.py")
 

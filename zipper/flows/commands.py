@@ -1,0 +1,111 @@
+"""Stages run as their `zipper` command from a flow task (runtime.nproc_per_node > 1: the command
+relaunches itself under torchrun), its output streamed line by line to the task's log."""
+from __future__ import annotations
+
+import collections
+import logging
+import math
+import os
+import shlex
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+from prefect.exceptions import MissingContextError
+from prefect.logging import get_run_logger
+
+from zipper.config import Params
+from zipper.graph import DATA_PARALLEL_STAGES
+
+log = logging.getLogger(__name__)
+
+COMMAND_TAIL = 40  # lines of a failed stage command's output quoted in the task's error
+
+
+class StageCommandError(RuntimeError):
+    """A stage run as a `zipper` command exited non-zero (a RuntimeError: not retried)."""
+
+
+def _yaml_value(value: Any) -> str:
+    """One override value as `--set KEY=VALUE` text that `parse_overrides` reads back unchanged."""
+    text = yaml.safe_dump(value, default_flow_style=True, width=math.inf)
+    return text.removesuffix("\n").removesuffix("\n...").strip()
+
+
+def cli_args(params_path: str | os.PathLike, root: str | os.PathLike,
+             overrides: Mapping[str, Any] | None) -> tuple[str, ...]:
+    """The options of every `zipper <stage>` command of a flow run: its params file, root and overrides."""
+    args = ["--params", str(Path(params_path).resolve()), "--root", str(Path(root).resolve())]
+    for key, value in (overrides or {}).items():
+        args += ["--set", f"{key}={_yaml_value(value)}"]
+    return tuple(args)
+
+
+def as_command(stage: str, params: Params) -> bool:
+    """Whether the flow runs `stage` as its `zipper` command instead of in-process: the data-parallel
+    stages when runtime.nproc_per_node > 1 (the command relaunches itself under torchrun)."""
+    return stage in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1
+
+
+def stage_command(stage: str, cli: Iterable[str], arg: str | int | None = None) -> list[str]:
+    """`zipper <stage> <cli> [--depth K | --task NAME]`, with this interpreter."""
+    cmd = [sys.executable, "-m", "zipper.cli", stage, *cli]
+    if stage in ("zip", "evaluate"):
+        cmd += ["--depth", str(arg)]
+    elif arg is not None:
+        cmd += ["--task", str(arg)]
+    return cmd
+
+
+def _task_logger() -> logging.Logger | logging.LoggerAdapter:
+    try:
+        return get_run_logger()
+    except MissingContextError:  # called outside a task run
+        return log
+
+
+def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter | None = None,
+                tail: int = COMMAND_TAIL) -> None:
+    """Run `cmd`, each line of its output (stdout and stderr) logged as it comes, to the task's run
+    logger by default; raise StageCommandError with its last `tail` lines if it exits non-zero.
+
+    The command runs in a session of its own: a task that is cancelled or interrupted stops it and what
+    it started (torchrun and its workers) instead of leaving them running.
+    """
+    logger = logger or _task_logger()
+    logger.info("running %s", shlex.join(cmd))
+    last: collections.deque[str] = collections.deque(maxlen=tail)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            line = line.rstrip()
+            if line:
+                last.append(line)
+                logger.info("%s", line)
+        returncode = proc.wait()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
+    if returncode != 0:
+        raise StageCommandError(f"`{shlex.join(cmd)}` exited with status {returncode}; its last lines:\n"
+                                + "\n".join(last))
+
+
+def run_stage_command(stage: str, params: Params, cli: Iterable[str], arg: str | int) -> None:
+    cli = tuple(cli)
+    if not cli:
+        raise ValueError(f"{stage}: runtime.nproc_per_node={params.runtime.nproc_per_node} runs it as a command, "
+                         "which needs the flow run's command-line options (cli=cli_args(...))")
+    run_command(stage_command(stage, cli, arg))
