@@ -1,8 +1,8 @@
 """The Prefect front end: the real flow on a real (temporary) Prefect server, thread pool and Dask.
 
 One temporary project carries the thread-runner tests, with as few full runs as possible: a run that
-fails at depth 2 (fault injected in-process), the run that resumes it, then a no-op run and a run after
-deleting a checkpoint. A second, smaller project (one depth, few steps) runs on a Dask LocalCluster.
+fails at depth 2 (fault injected in-process), the run that resumes it, a run of the served deployment
+(another process) and a run after it that both compute nothing, then a run after deleting a checkpoint. A second, smaller project (one depth, few steps) runs on a Dask LocalCluster.
 Wall time on 2 cores: about 3 minutes, most of it the one full pipeline and the Dask cluster.
 
 At scale, without a GPU and without a full run each: GPU-annotated tasks on a real Dask cluster of a
@@ -198,10 +198,15 @@ def test_run_publishes_progress_table_and_report_artifacts(resumed):
 
 
 @pytest.mark.slow
-def test_finished_flow_run_again_does_nothing(resumed):
-    result, calls = _run(resumed["root"])
-    assert calls == {}, calls
-    assert result["register"] == resumed["result"]["register"]
+def test_flow_runs_are_named_after_their_project_and_start(resumed):
+    import re
+
+    from prefect.client.orchestration import get_client
+
+    with get_client(sync_client=True) as client:
+        names = [r.name for r in client.read_flow_runs() if r.parameters.get("root") == str(resumed["root"].resolve())]
+    pattern = rf"zipper-{re.escape(resumed['root'].name)}-\d{{8}}-\d{{6}}"
+    assert names and all(re.fullmatch(pattern, n) for n in names), names
 
 
 def _registry_versions(root: Path) -> int:
@@ -221,9 +226,10 @@ def _served_run(root: Path) -> list[str]:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    serve = subprocess.Popen([sys.executable, "-m", "zipper.cli", "flow", "serve", "--params", str(root / "params.yaml"),
-                              "--root", str(root), "--cron", "0 3 * * *", "--name", "served"], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    command = ["flow", "serve", "--params", str(root / "params.yaml"), "--root", str(root), "--cron", "0 3 * * *",
+               "--name", "served"]
+    serve = subprocess.Popen([sys.executable, "-m", "zipper.cli", *command], env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
     try:
         flow_run = None
         for _ in range(120):  # the deployment appears once serve has registered it
@@ -250,8 +256,9 @@ def test_served_run_then_run_again_compute_nothing(resumed):
     versions = _registry_versions(root)
     states = _served_run(root)
     assert states and set(states) == {"Cached"}, states
-    _, calls = _run(root)
+    result, calls = _run(root)
     assert calls == {}, calls
+    assert result["register"] == resumed["result"]["register"]
     assert _registry_versions(root) == versions
 
 

@@ -7,7 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .graph import DATA_PARALLEL_STAGES, Layout
+from .graph import DATA_PARALLEL_STAGES, TABLE, Layout
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -137,11 +137,18 @@ def _bench_calibrate(args: argparse.Namespace) -> None:
 
 
 def _flow(args: argparse.Namespace) -> None:
+    import os
+
+    # The stages' own log lines in the Prefect UI, also for served runs (their processes inherit this).
+    os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "zipper")
     from .flows import pipeline
 
     overrides = _overrides(args)
     if args.flow_command == "run":
-        pipeline.run(args.params, args.root, overrides, runner=args.runner, dask_address=args.dask_address)
+        result = pipeline.run(args.params, args.root, overrides, runner=args.runner, dask_address=args.dask_address)
+        registered = result["register"]
+        print(f"\n{Layout(Path(result['root'])).path(TABLE).read_text()}\n"
+              f"MLflow: {registered['tracking_uri']}, registered model {registered['registered_model']}")
     else:
         pipeline.serve(args.params, args.root, overrides, cron=args.cron, name=args.name)
 

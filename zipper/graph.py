@@ -138,14 +138,6 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def stage(name: str) -> Stage:
-    """The stage named `name` in dvc.yaml."""
-    for s in STAGES:
-        if s.name == name:
-            return s
-    raise ValueError(f"unknown stage {name!r}; the stages are {[s.name for s in STAGES]}")
-
-
 def stage_of(command: str, arg: str | int | None = None) -> Stage:
     """The stage that `zipper <command>` runs for one task or depth (`zip --depth 0` is zip0)."""
     matches = [s for s in STAGES if s.command == command]

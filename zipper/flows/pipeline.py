@@ -148,7 +148,15 @@ def _progress_text(done: Mapping[str, list[int]], total: int) -> str:
             f"calibrated depths {sorted(done['zip']) or '-'}, evaluated depths {sorted(done['evaluate']) or '-'}")
 
 
-@flow(name=FLOW_NAME, task_runner=default_task_runner(), validate_parameters=True,
+def flow_run_name() -> str:
+    """`zipper-<project folder>-<start, UTC>`: which project a run worked on, and when, at a glance in the UI."""
+    from prefect.runtime import flow_run
+
+    root = Path(flow_run.parameters.get("root") or ".").resolve()
+    return f"zipper-{root.name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
+
+
+@flow(name=FLOW_NAME, flow_run_name=flow_run_name, task_runner=default_task_runner(), validate_parameters=True,
       description="Zipper two or more same-architecture CNNs into one multi-task network, depth by depth.")
 def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
                     overrides: dict[str, Any] | None = None) -> dict[str, Any]:
