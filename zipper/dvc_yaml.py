@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .config import Params
-from .graph import COMMITTED, DEPTHS, STAGES, SUMMARY, Stage
+from .graph import COMMITTED, DEPTHS, STAGES, SUMMARY, Stage, imported_files
 
 HEADER = """\
 # The zippering pipeline: one `zipper <stage>` command per stage (the logic lives in zipper/stages.py).
@@ -46,7 +46,7 @@ def _out(path: str, committed: set[str]) -> Any:
 def _stage_entry(s: Stage, params: Params) -> dict[str, Any]:
     command = f"zipper {s.command}" + (" --depth ${key}" if s.each == "depth" else
                                        f" --depth {s.depth}" if s.depth is not None else "")
-    imported = params.teachers.checkpoints.values() if s.imports == "teachers.checkpoints" else ()
+    imported = imported_files(s, params).values()
     deps = [*(_dvc_path(r, s) for r in s.reads), *imported, *(f"zipper/{c}" for c in s.all_code)]
     committed = {_dvc_path(c, s) for c in COMMITTED}
     writes = list(dict.fromkeys(_dvc_path(w, s) for w in (*s.writes, *s.shared)))

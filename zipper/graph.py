@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
+from typing import Any, Iterable, Mapping
 
 # Paths relative to the project root: {task} is filled per task, {depth} per depth, {prev} with the
 # calibrated depth that {depth} starts from (zipper.chain).
@@ -168,6 +168,16 @@ def _expand(templates: Iterable[str], layout: Layout, tasks: list[str], depths: 
     return tuple(out)
 
 
+def imported_files(s: Stage, params) -> Mapping[str, str]:
+    """Task -> file that the params key `s.imports` names (none without one)."""
+    if not s.imports:
+        return {}
+    node: Any = params
+    for part in s.imports.split("."):
+        node = getattr(node, part)
+    return node
+
+
 def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> StageIO:
     """What one run of `s` reads and writes: `arg` is its task ("task" stages) or depth ("depth" stages)."""
     depths = [0, *params.zipper.depths]
@@ -177,7 +187,7 @@ def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> 
         tasks, run_depths, prev = params.tasks, [arg], params.zipper.chain[str(arg)]
     else:
         tasks, run_depths, prev = params.tasks, depths if s.depth is None else [s.depth], None
-    imported = params.teachers.checkpoints if s.imports == "teachers.checkpoints" else {}
+    imported = imported_files(s, params)
     reads = _expand(s.reads, layout, tasks, run_depths, prev) + tuple(Path(imported[t]) for t in tasks if t in imported)
     keys = tuple(k.format(task=arg) if "{task}" in k else k for k in s.params)
     shared = tuple((layout.path(f), t) for f in s.shared for t in tasks)
