@@ -1,4 +1,4 @@
-"""The pipeline's stage functions. DVC (`zipper <stage>`) and Prefect (flows/) both call these.
+"""The pipeline's stage functions. DVC (`zipper <stage>`) and Prefect (zipper/flows/) both call these.
 
 Each stage reads its inputs and writes its outputs at the paths of a `Layout` (zipper/graph.py declares
 which), atomically, and records in every checkpoint what made it (its params section hashes and its
