@@ -11,6 +11,7 @@ import torch
 import zipper
 from zipper.calibrate import CalibrateConfig, calibrate
 from zipper.evaluate import accuracy
+from zipper.guard import DivergedError
 from zipper.teachers import lr_at
 
 from .conftest import batches, blob_task
@@ -77,16 +78,30 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained_pair, tmp_
 
     streams = {t: poisoned(s, at=6) for t, s in clean.items()}
     cfg = CalibrateConfig(steps=20, checkpoint_every=3, bn_reset_batches=0)
-    with pytest.raises(FloatingPointError, match="non-finite calibration loss at depth 2, step 6"):
+    with pytest.raises(DivergedError, match="calibration of depth 2, step 6, task 'colour'.*the loss is nan"):
         calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
     kept = torch.load(tmp_path / "partial.pt", weights_only=True)
     assert kept["step"] == 6 and all(torch.isfinite(v).all() for v in kept["net"].values() if v.is_floating_point())
 
 
-def test_a_killed_calibration_resumes_from_its_partial_checkpoint(trained_pair, tmp_path):
+def test_an_exploding_loss_stops_calibration(trained_pair, tmp_path):
     teachers, data, _ = trained_pair
-    cfg = CalibrateConfig(steps=6, checkpoint_every=3, bn_reset_batches=0, lr=0.01)
-    streams = lambda: {t: batches(x, y, 16) for t, (x, y) in data.items()}  # noqa: E731
+    net = zipper.zip_models(teachers, 2)
+    streams = {t: batches(x, y, 16) for t, (x, y) in data.items()}
+    cfg = CalibrateConfig(steps=20, lr=1e6, grad_clip=0.0, checkpoint_every=50, bn_reset_batches=0)
+    with pytest.raises(DivergedError, match=r"calibration of depth 2, step \d+: the (loss exploded|loss is nan).*"
+                                            r"lower calibrate.lr"):
+        calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
+    assert not (tmp_path / "partial.pt").exists()
+
+
+@pytest.mark.parametrize("killed_at_batch", [6, 9, 11])
+def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, tmp_path, killed_at_batch):
+    """Killed after its BN re-estimation (2 batches) and some steps; resumed from the partial checkpoint
+    (every 3 steps), it ends bit for bit where a run that was never stopped ends."""
+    teachers, data, _ = trained_pair
+    cfg = CalibrateConfig(steps=10, checkpoint_every=3, bn_reset_batches=2, lr=0.01)
+    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}  # noqa: E731
 
     class Killed(Exception):
         pass
@@ -97,10 +112,38 @@ def test_a_killed_calibration_resumes_from_its_partial_checkpoint(trained_pair, 
                 raise Killed
             yield b
 
-    net = zipper.zip_models(teachers, 1)
+    uninterrupted = zipper.zip_models(teachers, 2)
+    expected = calibrate(uninterrupted, teachers, streams(), cfg)
+    net = zipper.zip_models(teachers, 2)
     with pytest.raises(Killed):
-        calibrate(net, teachers, {t: dying(s, 4) for t, s in streams().items()}, cfg, partial_path=tmp_path / "p.pt")
-    assert torch.load(tmp_path / "p.pt", weights_only=True)["step"] == 3
-    resumed = zipper.zip_models(teachers, 1)
+        calibrate(net, teachers, {t: dying(s, killed_at_batch) for t, s in streams().items()}, cfg,
+                  partial_path=tmp_path / "p.pt")
+    assert torch.load(tmp_path / "p.pt", weights_only=True)["step"] == (killed_at_batch - 2) // 3 * 3
+    resumed = zipper.zip_models(teachers, 2)
     curves = calibrate(resumed, teachers, streams(), cfg, partial_path=tmp_path / "p.pt")
-    assert len(curves["loss"]) == 6  # 3 restored + 3 new
+    assert curves == expected
+    for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def test_a_partial_checkpoint_made_from_other_inputs_is_discarded(trained_pair, tmp_path, caplog):
+    """Killed, then its teachers retrained: the rerun must not resume from the old teachers' partial."""
+    teachers, data, _ = trained_pair
+    cfg = CalibrateConfig(steps=6, checkpoint_every=3, bn_reset_batches=0, lr=0.01)
+    streams = lambda: {t: batches(x, y, 16) for t, (x, y) in data.items()}  # noqa: E731
+
+    def dying(stream):
+        for i, b in enumerate(stream):
+            if i == 4:
+                raise KeyboardInterrupt
+            yield b
+
+    with pytest.raises(KeyboardInterrupt):
+        calibrate(zipper.zip_models(teachers, 1), teachers, {t: dying(s) for t, s in streams().items()}, cfg,
+                  partial_path=tmp_path / "p.pt", resume_key={"teacher.colour.sha256": "old"})
+    assert (tmp_path / "p.pt").exists()
+    expected = calibrate(zipper.zip_models(teachers, 1), teachers, streams(), cfg)
+    with caplog.at_level("WARNING", logger="zipper.calibrate"):
+        curves = calibrate(zipper.zip_models(teachers, 1), teachers, streams(), cfg, partial_path=tmp_path / "p.pt",
+                           resume_key={"teacher.colour.sha256": "new"})
+    assert "discarding" in caplog.text and curves == expected

@@ -1,12 +1,13 @@
 """params.yaml validation: the shipped files load; bad keys and types name the key at fault."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import pytest
 import yaml
 
-from zipper.config import load_params
+from zipper.config import RANGES, Params, load_params
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
@@ -23,7 +24,7 @@ def _write(tmp_path, mutate) -> Path:
     raw = yaml.safe_load((REPO / "tests/fixtures/params.tiny.yaml").read_text())
     mutate(raw)
     path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(raw))
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
     return path
 
 
@@ -36,12 +37,53 @@ def _write(tmp_path, mutate) -> Path:
     (lambda r: r["zipper"].update(chain={"2": 1}), r"zipper.chain: entry 1 must be"),
     (lambda r: r["zipper"].update(chain={1: 0}), r"zipper.chain: entry 1 must be '\"1\": 0'"),
     (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
+    (lambda r: r["data"]["tasks"]["shapes"].update(n_trian=5), r"data.tasks.shapes: .*unknown key 'n_trian'"),
+    (lambda r: r["data"]["tasks"].update(pets={"source": "imagefolder"}), r"data.tasks.pets: .*missing key 'root'"),
     (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
     (lambda r: r["teachers"].update(label_smoothing=1.0), r"teachers.label_smoothing: expected a value in \[0, 1\)"),
+    (lambda r: r["calibrate"].update(checkpoint_every=0), r"calibrate.checkpoint_every: expected a value in \[1, inf\), got 0"),
+    (lambda r: r["evaluate"].update(threads=0), r"evaluate.threads: expected a value in \[1, inf\)"),
+    (lambda r: r["calibrate"].update(lr=-0.1), r"calibrate.lr: expected a value in \(0, inf\)"),
+    (lambda r: r["teachers"].update(lr=float("nan")), r"teachers.lr: expected a value in \(0, inf\), got nan"),
+    (lambda r: r["runtime"].update(nproc_per_node=0), r"runtime.nproc_per_node: expected a value in \[1, inf\)"),
+    (lambda r: r["teachers"].update(checkpoints={"shape": "t.pt"}), r"teachers.checkpoints: 'shape' is not a task"),
+    (lambda r: r["zipper"].update(chain={str(d): d - 1 for d in range(1, 15)}),
+     r"zipper.chain: depth 14 is deeper than mobilenet_v1, which has 13 blocks"),
 ])
 def test_bad_params_name_the_key(tmp_path, mutate, match):
     with pytest.raises(ValueError, match=match):
         load_params(_write(tmp_path, mutate))
+
+
+def test_every_range_names_a_numeric_setting():
+    params = load_params(TINY)
+    for key in RANGES:
+        section, name = key.split(".")
+        assert isinstance(getattr(getattr(params, section), name), (int, float)), key
+
+
+def test_dataclass_defaults_are_the_shipped_params():
+    """One source per value: a section left out of params.yaml means what params.yaml says, except
+    for the two values that depend on the tasks and the architecture."""
+    shipped = load_params(REPO / "params.yaml")
+    defaults = dataclasses.asdict(Params(data=shipped.data))
+    differ = {f"{section}.{key}" for section, values in dataclasses.asdict(shipped).items()
+              for key, value in values.items() if defaults[section][key] != value}
+    assert differ == {"zipper.chain", "tracking.registered_model"}
+
+
+def test_tracking_credentials_come_from_the_environment_and_are_never_shown(monkeypatch, tmp_path):
+    from zipper.tracking import redacted
+
+    with pytest.raises(ValueError, match="tracking.uri: holds a password; .*MLFLOW_TRACKING_URI"):
+        load_params(TINY, {"tracking.uri": "https://ann:s3cret@mlflow.example.com"})
+    params = load_params(TINY)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    assert params.tracking.tracking_uri(tmp_path) == f"sqlite:///{tmp_path.resolve() / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "https://ann:s3cret@mlflow.example.com:5000/path")
+    assert params.tracking.tracking_uri(tmp_path) == "https://ann:s3cret@mlflow.example.com:5000/path"
+    assert redacted(params.tracking.tracking_uri(tmp_path)) == "https://ann:***@mlflow.example.com:5000/path"
+    assert redacted("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
 def test_overrides_apply_dotted_keys():

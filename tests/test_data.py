@@ -212,6 +212,15 @@ def test_imagefolder_bad_image_errors_or_skips_and_keeps_previous(tmp_path):
     assert m["splits"]["train"]["counts"] == {"cat": 3, "dog": 3}
 
 
+def test_imagefolder_refuses_a_decompression_bomb_by_name(tmp_path):
+    root = make_folder(tmp_path / "f")
+    bomb = root / "train" / "cat" / "bomb.png"
+    Image.new("1", (10_000, 10_000)).save(bomb)  # 100 Mpx in a few KB
+    assert bomb.stat().st_size < 100_000
+    with pytest.raises(ValueError, match=r"image .*bomb\.png is too large: 10000 x 10000 px"):
+        write_shards({"source": "imagefolder", "root": str(root)}, "pets", tmp_path / "s")
+
+
 def test_imagefolder_empty_class_folder(tmp_path):
     root = make_folder(tmp_path / "f")
     (root / "val" / "bird").mkdir()

@@ -54,6 +54,7 @@ def served(tmp_path_factory) -> Path:
     shard("pets-val.tar", [{"__key__": f"q{i}", "jpeg": jpeg(i), "class": str(i % 2).encode()} for i in range(4)])
     shard("nocls.tar", [{"__key__": "a", "jpg": jpeg(0), "cls": b"0"}, {"__key__": "b", "jpg": jpeg(1)}])
     shard("range.tar", [{"__key__": "a", "jpg": jpeg(0), "cls": b"7"}])
+    shard("escape.tar", [{"__key__": "../../evil", "jpg": jpeg(0), "cls": b"0"}])
     return root
 
 
@@ -173,6 +174,7 @@ def test_local_paths_are_recorded_absolute_and_verified(served, tmp_path, monkey
     ("{base}/nocls.tar", r"shard http://.*/nocls\.tar: sample 'b' has no class member"),
     ("{base}/range.tar", r"shard http://.*/range\.tar: sample 'a' has class index 7, outside the 2 classes"),
     ("{base}/classes.json", r"shard http://.*/classes\.json: unreadable as a tar"),
+    ("{base}/escape.tar", r"shard http://.*/escape\.tar: member name '\.\./\.\./evil\.\w+' is absolute or contains"),
 ])
 def test_bad_urls_and_samples_are_named(base_url, tmp_path, train, error):
     source = {"source": "webdataset", "train": train.format(base=base_url), "val": f"{base_url}/pets-val.tar",

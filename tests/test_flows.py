@@ -1,13 +1,15 @@
 """The Prefect front end: the real flow on a real (temporary) Prefect server, thread pool and Dask.
 
 One temporary project carries the thread-runner tests, with as few full runs as possible: a run that
-fails at depth 2 (fault injected in-process), the run that resumes it, a run of the served deployment
-(another process) and a run after it that both compute nothing, then a run after deleting a checkpoint. A second, smaller project (one depth, few steps) runs on a Dask LocalCluster.
+fails at depth 2 (its checkpoint's path taken by a folder), the run that resumes it (its checkpoints
+compared with `dvc repro`'s), a run of the served deployment (another process) and a run after it that
+both compute nothing, then a run after deleting a checkpoint. A second, smaller project (one depth,
+few steps) runs on a Dask LocalCluster. Which stages a run computed comes from its task runs' states.
 Wall time on 2 cores: about 3 minutes, most of it the one full pipeline and the Dask cluster.
 
 At scale, without a GPU and without a full run each: GPU-annotated tasks on a real Dask cluster of a
 GPU-declaring and a CPU-only worker (a tiny flow), the LocalCluster's loopback binding, and the
-stages that run as their `zipper` command (torchrun) when runtime.nproc_per_node > 1.
+training stages that run as their `zipper` command (torchrun when runtime.nproc_per_node > 1).
 """
 from __future__ import annotations
 
@@ -33,6 +35,9 @@ from zipper import stages
 from zipper.config import load_params
 from zipper.runtime import RuntimeConfig
 from zipper.graph import Layout
+from zipper.locks import RootLocked
+
+from .conftest import checkpoint_digests, holding_root
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
@@ -69,38 +74,35 @@ def dvc_outputs(dvc_yaml: Path, params_file: Path) -> set[str]:
     return paths
 
 
-def _count_calls(mp: pytest.MonkeyPatch) -> dict[str, list]:
-    """Wrap every stage function (the flow's tasks look them up at call time) to record its calls."""
+def _computed(flow_run_id) -> dict[str, list]:
+    """Stage -> the tasks or depths a flow run computed (task runs that ran, not Cached ones), from the
+    Prefect API: the training stages run as commands in processes of their own."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     seen: dict[str, list] = collections.defaultdict(list)
-    for name in STAGES:
-        real = getattr(stages, f"run_{name}")
-
-        def counted(params, layout, *args, _real=real, _name=name, **kwargs):
-            arg = kwargs.get("tasks", kwargs.get("depth", args[0] if args else None))
-            seen[_name].append(tuple(arg) if isinstance(arg, list) else arg)
-            return _real(params, layout, *args, **kwargs)
-
-        mp.setattr(stages, f"run_{name}", counted)
-    return seen
+    for r in runs:
+        if r.state.name in ("Completed", "Failed"):
+            stage = next(t.removeprefix("zipper-") for t in r.tags if t.startswith("zipper-"))
+            arg = None if stage in ("report", "register") else r.name.rsplit("-", 1)[-1]
+            seen[stage].append(int(arg) if arg and arg.isdigit() else arg)
+    return {stage: sorted(args, key=str) for stage, args in seen.items()}
 
 
-def _fail_once_at(mp: pytest.MonkeyPatch, depth: int) -> None:
-    inner, failed = stages.run_zip, []
+def _last_flow_run_id(root: Path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
 
-    def run_zip(params, layout, d):
-        if d == depth and not failed:
-            failed.append(d)
-            raise RuntimeError(f"injected fault at depth {d}")
-        return inner(params, layout, d)
-
-    mp.setattr(stages, "run_zip", run_zip)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(sort=FlowRunSort.EXPECTED_START_TIME_DESC, limit=50)
+    return next(r.id for r in runs if r.parameters.get("root") == str(root.resolve()))
 
 
 def _run(root: Path, overrides: dict | None = None, **kwargs) -> tuple[dict, dict[str, list]]:
-    with pytest.MonkeyPatch.context() as mp:
-        calls = _count_calls(mp)
-        result = pipeline.run(root / "params.yaml", root, overrides or {}, **kwargs)
-    return result, dict(calls)
+    result = pipeline.run(root / "params.yaml", root, overrides or {}, **kwargs)
+    return result, _computed(_last_flow_run_id(root))
 
 
 # ------------------------------------------------------------------------------------- fixtures
@@ -125,21 +127,22 @@ def prefect_server(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def resumed(prefect_server, tmp_path_factory):
-    """The tiny pipeline run twice on one project: failing at depth 2, then resuming."""
+    """The tiny pipeline run twice on one project: failing at depth 2 (its checkpoint's path is taken
+    by a folder, so the calibrated depth cannot be saved), then, the folder gone, resuming."""
     root = tmp_path_factory.mktemp("flow-project")
     shutil.copy(TINY, root / "params.yaml")
     layout = Layout(root)
-    with pytest.MonkeyPatch.context() as mp:
-        first = _count_calls(mp)
-        _fail_once_at(mp, 2)
-        with pytest.raises(RuntimeError, match="injected fault at depth 2") as failure:
-            pipeline.run(root / "params.yaml", root, {})
+    layout.zipped(2).mkdir(parents=True)
+    with pytest.raises(commands.StageCommandError, match=r"zip .*--depth 2` exited(.|\n)*IsADirectoryError") as failure:
+        pipeline.run(root / "params.yaml", root, {})
+    first = _computed(_last_flow_run_id(root))
+    layout.zipped(2).rmdir()
     after_failure = {p: p.stat().st_mtime_ns for p in [layout.zipped(0), layout.zipped(1), layout.metrics(1),
                                                           layout.shards("shapes") / "manifest.json",
                                                           layout.teacher("shapes"), layout.teacher("textures")]}
-    zipped_after_failure = {d: layout.zipped(d).exists() for d in range(4)}
+    zipped_after_failure = {d: layout.zipped(d).is_file() for d in range(4)}
     result, second = _run(root)
-    return {"root": root, "layout": layout, "failure": failure.value, "first": dict(first), "second": second,
+    return {"root": root, "layout": layout, "failure": failure.value, "first": first, "second": second,
             "result": result, "mtimes": after_failure, "zipped_after_failure": zipped_after_failure}
 
 
@@ -148,13 +151,13 @@ def resumed(prefect_server, tmp_path_factory):
 def test_failure_at_depth_2_then_resume_skips_what_was_done(resumed):
     first, second = resumed["first"], resumed["second"]
     # The failing run did everything up to depth 2 (and still evaluated depth 1, overlapping depth 2).
-    assert sorted(first["data"]) == sorted(first["teachers"]) == [("shapes",), ("textures",)]
-    assert first["zip"] == [0, 1] and sorted(first["evaluate"]) == [0, 1]  # the fault fires before zip 2 runs
+    assert first["data"] == first["teachers"] == first["features"] == ["shapes", "textures"]
+    assert first["zip"] == [0, 1, 2] and first["evaluate"] == [0, 1]  # zip 2 failed: nothing after it ran
     assert "report" not in first and "register" not in first
     assert resumed["zipped_after_failure"] == {0: True, 1: True, 2: False, 3: False}
     # The second run resumed at depth 2: nothing before it ran again, nothing it left was rewritten.
     assert second["zip"] == [2, 3], second
-    assert sorted(second["evaluate"]) == [2, 3], second
+    assert second["evaluate"] == [2, 3], second
     assert not {"data", "teachers", "features"} & set(second), second
     assert second["report"] == [None] and second["register"] == [None]
     assert {p: p.stat().st_mtime_ns for p in resumed["mtimes"]} == resumed["mtimes"]
@@ -182,6 +185,22 @@ def test_flow_writes_what_dvc_writes(resumed):
     assert summary["tracking_uri"] == f"sqlite:///{root.resolve() / 'mlflow.db'}"
     assert summary == resumed["result"]["register"]
     assert [row["depth"] for row in resumed["result"]["depths"]] == [0, 1, 2, 3]
+
+
+@pytest.mark.slow
+def test_flow_and_dvc_repro_write_identical_checkpoints(resumed, dvc_project):
+    """Same params, same machine: the flow (failed at depth 2, then resumed) and `dvc repro` write the same
+    teacher and zipped checkpoints, byte for byte."""
+    assert checkpoint_digests(resumed["root"]) == json.loads((dvc_project / "first_repro.json").read_text())
+
+
+@pytest.mark.slow
+def test_a_flow_run_refuses_a_root_another_run_holds(prefect_server, tmp_path):
+    shutil.copy(TINY, tmp_path / "params.yaml")
+    with holding_root(tmp_path, "zipper data"):
+        with pytest.raises(RootLocked, match=r"in use by pid \d+: zipper data"):
+            pipeline.run(tmp_path / "params.yaml", tmp_path, {})
+    assert not (tmp_path / "data").exists()
 
 
 @pytest.mark.slow
@@ -267,8 +286,9 @@ def test_deleted_checkpoint_reruns_only_its_depth(resumed):
     layout = resumed["layout"]
     layout.zipped(3).unlink()
     _, calls = _run(resumed["root"])
-    assert calls.get("zip") == [3], calls
-    assert not {"data", "teachers", "features"} & set(calls), calls
+    # Recalibrated to the same bytes (checkpoints hold no timestamps, the calibration is seeded): the
+    # evaluation, report and registration that read it stay cached.
+    assert calls == {"zip": [3]}, calls
     assert layout.zipped(3).is_file()
 
 
@@ -351,19 +371,20 @@ def test_local_cluster_listens_on_loopback_and_refuses_gpu_tasks_it_cannot_run()
     runners.check_gpu_workers(ThreadPoolTaskRunner(), {"GPU": 1})  # not Dask: nothing to check
 
 
-def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_path, monkeypatch):
-    """nproc_per_node > 1: teachers and zip run `zipper <stage> ...` (which relaunches under torchrun) with
-    the flow run's params file, root and overrides; otherwise in-process, with runtime.threads."""
-    from zipper import runtime
+def test_training_stages_run_as_their_command_with_the_threads_dvc_gives_them(tmp_path, monkeypatch):
+    """teachers and zip run `zipper <stage> ...` (which relaunches under torchrun when nproc_per_node > 1)
+    with the flow run's params file, root and overrides, under the flow's root lock, each teacher with the
+    threads `zipper teachers` gives its task's process; the other stages run in-process."""
+    from zipper import locks, runtime
     from zipper.cli import build_parser
     from zipper.config import parse_overrides
 
-    overrides = {"runtime.nproc_per_node": 2, "calibrate.lr": 1e-5, "zipper.chain": {"1": 0}, "tracking.uri": ""}
+    overrides = {"runtime.threads": 4, "calibrate.lr": 1e-5, "zipper.chain": {"1": 0}, "tracking.uri": ""}
     params = load_params(TINY, overrides)
     layout = Layout(tmp_path)
     cli = commands.cli_args(TINY, tmp_path, overrides)
     ran, threads, in_process = [], [], []
-    monkeypatch.setattr(commands, "run_command", lambda cmd, *a, **k: ran.append(cmd))
+    monkeypatch.setattr(commands, "run_command", lambda cmd, *a, env=None, **k: ran.append((cmd, env)))
     monkeypatch.setattr(runtime, "set_threads", threads.append)
     for name in STAGES:
         monkeypatch.setattr(stages, f"run_{name}", lambda *a, _n=name, **k: in_process.append(_n) or {"shapes": 0.5})
@@ -373,18 +394,17 @@ def test_data_parallel_stages_run_as_their_command_when_nproc_per_node_gt_1(tmp_
     assert pipeline.teachers_task.fn(params, layout, "shapes", cli)["val_acc"] == 0.75
     pipeline.zip_task.fn(params, layout, 1, cli)
     assert in_process == [] and threads == []
-    for cmd, stage, extra in zip(ran, ("teachers", "zip"), (["--task", "shapes"], ["--depth", "1"])):
-        assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-2:] == extra
+    expected = (("teachers", ["--task", "shapes", "--threads", "2"]), ("zip", ["--depth", "1"]))
+    for (cmd, env), (stage, extra) in zip(ran, expected):
+        assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-len(extra):] == extra
         args = build_parser().parse_args(cmd[3:])  # what the command line will parse
         assert (Path(args.params), Path(args.root)) == (TINY.resolve(), tmp_path.resolve())
         assert parse_overrides(args.set) == overrides
+        assert env == {locks.HELD_ENV: str((tmp_path / locks.ROOT_LOCK).resolve())}
     with pytest.raises(ValueError, match="command-line options"):
         pipeline.zip_task.fn(params, layout, 1)
-
-    single = load_params(TINY, {"runtime.threads": 3})
-    pipeline.zip_task.fn(single, layout, 1, cli)
-    pipeline.evaluate_task.fn(single, layout, 1)
-    assert in_process == ["zip", "evaluate"] and threads == [3, 3] and len(ran) == 2
+    pipeline.evaluate_task.fn(params, layout, 1)
+    assert in_process == ["evaluate"] and threads == [4] and len(ran) == 2
 
 
 def test_run_command_streams_its_output_and_fails_with_its_last_lines(caplog):

@@ -73,6 +73,34 @@ def test_imported_teachers_are_dependencies(tmp_path):
     assert Path("imported/shapes.pt") in io.reads
 
 
+def test_image_folders_and_local_datasets_are_dependencies(tmp_path):
+    import yaml
+
+    params = load_params(TINY, {"data.tasks.shapes": {"source": "imagefolder", "root": "images/pets"},
+                                "data.tasks.textures": {"source": "torchvision", "dataset": "MNIST", "root": "tv",
+                                                        "download": True}})
+    data = yaml.safe_load(render(params))["stages"]["data"]
+    assert "images/pets" in data["deps"] and "tv" not in data["deps"]  # a download has no folder to track yet
+    shapes = stage_io(stage_of("data", "shapes"), params, Layout(tmp_path), "shapes")
+    assert shapes.reads == (Path("images/pets"),)
+    assert stage_io(stage_of("data", "textures"), params, Layout(tmp_path), "textures").reads == ()
+
+
+def test_editing_an_image_folder_changes_the_flow_key(tmp_path):
+    from PIL import Image
+
+    from zipper.flows.cache import stage_key
+
+    for split in ("train", "val"):
+        for cls in ("cat", "dog"):
+            (tmp_path / "pets" / split / cls).mkdir(parents=True)
+            Image.new("RGB", (8, 8), (10, 20, 30)).save(tmp_path / "pets" / split / cls / "0.png")
+    params = load_params(TINY, {"data.tasks.shapes": {"source": "imagefolder", "root": str(tmp_path / "pets")}})
+    before = stage_key("data", params, Layout(tmp_path), "shapes")
+    Image.new("RGB", (8, 8), (99, 20, 30)).save(tmp_path / "pets" / "val" / "dog" / "0.png")
+    assert stage_key("data", params, Layout(tmp_path), "shapes") != before
+
+
 def _imported(nodes, path: Path) -> set[Path]:
     """Package files that the relative `from ... import` statements among `nodes` of `path` name."""
     found = set()

@@ -8,6 +8,7 @@ import torchvision
 from zipper import build_model
 from zipper.data import val_batches, write_shards
 from zipper.evaluate import accuracy
+from zipper.guard import DivergedError
 from zipper.teachers import FORMAT, import_teacher, load_teacher, save_teacher, train_teacher
 
 
@@ -41,6 +42,11 @@ def test_train_save_load_roundtrip(shard_dir, tmp_path):
     with pytest.raises(ValueError, match="class names"):
         save_teacher(model, tmp_path / "u.pt", task="t", classes=["a"], val_acc=0.0, provenance={})
     assert not (tmp_path / "u.pt").exists()
+
+
+def test_a_diverging_teacher_stops_with_the_setting_to_change(shard_dir):
+    with pytest.raises(DivergedError, match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"):
+        train_teacher(shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=30, batch_size=8, lr=1e6, seed=0)
 
 
 def test_import_torchvision_mobilenet_v2(tmp_path):

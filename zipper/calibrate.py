@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from .guard import check_loss
 from .io import load_torch, save_torch, sha256_json
 from .merge import ZipperNet
 from .merge.bn import reset_bn_stats
@@ -34,8 +35,8 @@ SCHEDULES = ("cosine", "constant")
 
 @dataclass(frozen=True)
 class CalibrateConfig:
-    steps: int = 300
-    batch_size: int = 64
+    steps: int = 120
+    batch_size: int = 32  # per task
     optimizer: str = "sgd"
     lr: float = 0.01
     momentum: float = 0.9
@@ -47,7 +48,7 @@ class CalibrateConfig:
     kd_temperature: float = 4.0
     grad_clip: float = 5.0  # max global grad norm (0 = off)
     bn_reset_batches: int = 10  # re-estimate BN stats on this many batches per task first (0 = off)
-    checkpoint_every: int = 100  # steps between resumable partial checkpoints
+    checkpoint_every: int = 50  # steps between resumable partial checkpoints
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -55,8 +56,6 @@ class CalibrateConfig:
             raise ValueError(f"calibrate.optimizer: unknown {self.optimizer!r}; expected one of {OPTIMIZERS}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"calibrate.schedule: unknown {self.schedule!r}; expected one of {SCHEDULES}")
-        if self.steps < 0 or self.batch_size < 1:
-            raise ValueError("calibrate.steps must be >= 0 and calibrate.batch_size >= 1")
 
 
 # A stream yields (x, y) for online targets or (x, y, teacher_logits, teacher_taps) from the cache.
@@ -135,7 +134,7 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
     (by the main process) and picked up by a rerun whose config, net and `resume_key` (what else
     determines the result: start checkpoint, teachers, targets) match; the rerun fast-forwards
     the streams and restores the RNG, so it ends where an uninterrupted run ends. A non-finite
-    loss stops with an error and leaves that last good checkpoint in place. Under torch.distributed
+    or exploded loss (`zipper.guard`) stops with an error and leaves that last good checkpoint in place. Under torch.distributed
     each process holds its rows of every global batch (`zipper.parallel`). `on_step(step, net)`
     runs after every optimizer step (evaluation, early stopping).
     """
@@ -159,12 +158,16 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
         bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
                    disable=None if runtime.is_main else True, leave=False)
         for step in bar:
-            ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path)
+            first_loss = curves["loss"][0] if curves["loss"] else math.nan
+            ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path,
+                                   first_loss)
             curves["lr"].append(opt.param_groups[0]["lr"])
             sched.step()
             curves["ce"].append(ce_sum)
             curves["distill"].append(l1_sum)
             curves["loss"].append(ce_sum + cfg.distill_weight * l1_sum)
+            check_loss(curves["loss"][-1], curves["loss"][0], where=f"calibration of depth {net.depth}, step {step}",
+                       hint=_hint(partial_path))
             bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
             if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_torch({"key": key, "step": step + 1, "net": cpu_state(net), "opt": opt.state_dict(),
@@ -183,7 +186,7 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
 
 def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
           cfg: CalibrateConfig, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
-          step: int, partial_path) -> tuple[float, float]:
+          step: int, partial_path, first_loss: float) -> tuple[float, float]:
     """One optimizer step on one batch per task; returns the global batch's (ce, distill) sums."""
     opt.zero_grad(set_to_none=True)
     batches = {t: teacher_targets(teachers[t], next(streams[t]), runtime) for t in net.spec.task_names}
@@ -198,10 +201,8 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], 
     values = mean_over_processes(torch.stack(parts).tolist(), runtime)
     if not all(math.isfinite(v) for v in values):
         bad = net.spec.task_names[next(i for i, v in enumerate(values) if not math.isfinite(v)) // 2]
-        raise FloatingPointError(
-            f"non-finite calibration loss at depth {net.depth}, step {step}, task {bad!r} "
-            f"(ce, l1 per task: {values}); last good checkpoint: {partial_path or 'none kept'} "
-            f"- lower calibrate.lr or raise calibrate.grad_clip")
+        check_loss(math.nan, first_loss, where=f"calibration of depth {net.depth}, step {step}, task {bad!r} "
+                   f"(ce, l1 per task: {values})", hint=_hint(partial_path))
     scaler.scale(loss).backward()
     if cfg.grad_clip:
         scaler.unscale_(opt)
@@ -209,6 +210,11 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], 
     scaler.step(opt)
     scaler.update()
     return sum(values[0::2]), sum(values[1::2])
+
+
+def _hint(partial_path) -> str:
+    return (f"lower calibrate.lr or raise calibrate.grad_clip (last good checkpoint: "
+            f"{partial_path if partial_path and Path(partial_path).exists() else 'none kept'})")
 
 
 def _skip(streams: Mapping[str, Stream], batches: int) -> None:

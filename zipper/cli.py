@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shlex
 import sys
 from pathlib import Path
 
@@ -32,28 +33,36 @@ SIDE_BY_SIDE_STAGES = ("data", "teachers")  # on a CPU, one process per task (fe
 
 def _stage(name: str):
     def run(args: argparse.Namespace) -> int | None:
-        from . import runtime, stages
+        from .locks import root_lock
 
         params = _params(args)
         _warn_if_dvc_yaml_is_stale(params, Path(args.root))
-        runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
-        if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
-            return _torchrun(params.runtime.nproc_per_node, args.argv)
-        if name in SIDE_BY_SIDE_STAGES and not args.task and (per_task := _side_by_side(name, params, args.threads)):
-            return _run_per_task(name, args.argv, per_task)
-        if name not in DATA_PARALLEL_STAGES and runtime.launched_by_torchrun():
-            raise ValueError(f"zipper {name} runs in one process; launch only {' and '.join(DATA_PARALLEL_STAGES)} "
-                             "under torchrun")
-        fn = getattr(stages, f"run_{name}")
-        extra = {"depth": args.depth} if hasattr(args, "depth") else {}
-        if getattr(args, "task", None):
-            extra["tasks"] = args.task
-        with runtime.distributed(params.runtime):
-            result = fn(params, _layout(args), **extra)
-        if isinstance(result, str):
-            print(result)
-        return None
+        with root_lock(args.root, shlex.join(["zipper", *args.argv])):
+            return _run_stage(name, params, args)
     return run
+
+
+def _run_stage(name: str, params, args: argparse.Namespace) -> int | None:
+    from . import runtime, stages
+
+    runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
+    if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
+        return _torchrun(params.runtime.nproc_per_node, args.argv)
+    if (name in SIDE_BY_SIDE_STAGES and not args.task
+            and (per_task := runtime.per_task_threads(name, params, args.threads))):
+        return _run_per_task(name, args.argv, per_task)
+    if name not in DATA_PARALLEL_STAGES and runtime.launched_by_torchrun():
+        raise ValueError(f"zipper {name} runs in one process; launch only {' and '.join(DATA_PARALLEL_STAGES)} "
+                         "under torchrun")
+    fn = getattr(stages, f"run_{name}")
+    extra = {"depth": args.depth} if hasattr(args, "depth") else {}
+    if getattr(args, "task", None):
+        extra["tasks"] = args.task
+    with runtime.distributed(params.runtime):
+        result = fn(params, _layout(args), **extra)
+    if isinstance(result, str):
+        print(result)
+    return None
 
 
 def _warn_if_dvc_yaml_is_stale(params, root: Path) -> None:
@@ -65,23 +74,6 @@ def _warn_if_dvc_yaml_is_stale(params, root: Path) -> None:
     if text.startswith(HEADER) and text != render(params):
         logging.getLogger(__name__).warning("%s does not match these params (task names or teachers.checkpoints "
                                             "changed): regenerate it with `zipper dvc-yaml > dvc.yaml`", path)
-
-
-def _side_by_side(name: str, params, threads: int | None) -> dict[str, int]:
-    """Tasks -> torch threads each, when a per-task stage should run one process per task, side by side:
-    on a CPU with threads for more than one (a small net trains far better on one core each than on
-    several cores one after the other; generating and decoding images is single-threaded anyway).
-    Empty when the stage runs its tasks in this process."""
-    import torch
-
-    from .runtime import launched_by_torchrun, resolve_device
-
-    total = (params.runtime.threads if threads is None else threads) or torch.get_num_threads()  # 0: torch's default
-    tasks = [t for t in params.tasks if name != "teachers" or t not in params.teachers.checkpoints]
-    on_cpu = name == "data" or resolve_device(params.runtime.device).type == "cpu"
-    if len(tasks) < 2 or total < 2 or params.runtime.nproc_per_node > 1 or launched_by_torchrun() or not on_cpu:
-        return {}
-    return {t: max(1, total // len(tasks)) for t in tasks}
 
 
 def _run_per_task(name: str, argv: list[str], threads: dict[str, int]) -> int:

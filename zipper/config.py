@@ -1,23 +1,27 @@
 """params.yaml -> frozen dataclasses, one per stage section; the only config source.
 
-Unknown keys and wrong types are errors that name the key (`calibrate.lr: expected float, got 'fast'`).
+Unknown keys, wrong types and values out of range (`RANGES`) are errors that name the key
+(`calibrate.lr: expected float, got 'fast'`).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Mapping
+from urllib.parse import urlsplit
 
 import yaml
 
 from .calibrate import CalibrateConfig
+from .data.sources import resolve
 from .io import sha256_json
 from .merge import INITS, SCOPES
-from .models import ARCHS
+from .models import ARCHS, build_model
 from .runtime import RuntimeConfig
 
 
@@ -31,8 +35,10 @@ class DataConfig:
         if len(self.tasks) < 2:
             raise ValueError(f"data.tasks: zippering needs at least two tasks, got {list(self.tasks)}")
         for task, src in self.tasks.items():
-            if not isinstance(src, Mapping) or "source" not in src:
-                raise ValueError(f"data.tasks.{task}: expected a mapping with a 'source' key")
+            try:
+                resolve(src)  # keys and source kinds now: a typo must not wait for the data stage
+            except ValueError as e:
+                raise ValueError(f"data.tasks.{task}: {e}") from None
         if self.on_bad_sample not in ("error", "skip"):
             raise ValueError(f"data.on_bad_sample: expected 'error' or 'skip', got {self.on_bad_sample!r}")
 
@@ -42,21 +48,19 @@ class TeachersConfig:
     arch: str = "mobilenet_v1"
     width: float = 0.25
     input_size: int = 32
-    steps: int = 700
+    steps: int = 1200
     batch_size: int = 64
-    lr: float = 0.1
+    lr: float = 0.4
     weight_decay: float = 5e-4
     momentum: float = 0.9
     augment: bool = True
-    label_smoothing: float = 0.0
+    label_smoothing: float = 0.1
     seed: int = 0
     checkpoints: dict[str, str] = field(default_factory=dict)  # task -> file to import instead of training
 
     def __post_init__(self) -> None:
         if self.arch not in ARCHS:
             raise ValueError(f"teachers.arch: unknown {self.arch!r}; registered: {', '.join(sorted(ARCHS))}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"teachers.label_smoothing: expected a value in [0, 1), got {self.label_smoothing}")
 
 
 @dataclass(frozen=True)
@@ -100,14 +104,17 @@ class EvaluateConfig:
 
 @dataclass(frozen=True)
 class TrackingConfig:
-    uri: str = ""  # empty: sqlite file mlflow.db at the project root (made absolute)
+    uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite file mlflow.db at the project root (made absolute)
     experiment: str = "zipper"
     registered_model: str = "zipper"
 
+    def __post_init__(self) -> None:
+        if urlsplit(self.uri).password:  # params are committed, logged, and copied into dvc.lock
+            raise ValueError("tracking.uri: holds a password; leave it empty and set MLFLOW_TRACKING_URI (or "
+                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) in the environment instead")
+
     def tracking_uri(self, root: str | os.PathLike) -> str:
-        if self.uri:
-            return self.uri
-        return f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
+        return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
 
 
 @dataclass(frozen=True)
@@ -121,6 +128,25 @@ class Params:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
 
+    def __post_init__(self) -> None:
+        for key, interval in RANGES.items():
+            _check_range(key, _get_dotted(self, key), interval)
+        unknown = sorted(set(self.teachers.checkpoints) - set(self.data.tasks))
+        if unknown:
+            raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task (tasks: {', '.join(self.data.tasks)})")
+        self._check_chain_fits()
+
+    def _check_chain_fits(self) -> None:
+        """The deepest depth of the chain must exist in the architecture: found now, not after hours of
+        calibrating the depths before it."""
+        if not self.zipper.chain:
+            return
+        t = self.teachers
+        blocks = build_model(t.arch, 2, width=t.width, input_size=t.input_size).num_blocks
+        if self.zipper.depths[-1] > blocks:
+            raise ValueError(f"zipper.chain: depth {self.zipper.depths[-1]} is deeper than {t.arch}, which has "
+                             f"{blocks} blocks; the chain can go up to \"{blocks}\": {blocks - 1}")
+
     @property
     def tasks(self) -> list[str]:
         return list(self.data.tasks)
@@ -128,6 +154,38 @@ class Params:
     def section_hash(self, name: str) -> str:
         """What a stage's outputs record as the config that made them."""
         return sha256_json(dataclasses.asdict(getattr(self, name)))
+
+
+# Every numeric setting's valid range, as an interval: checked when params.yaml is loaded, so a bad
+# value fails before any stage runs rather than as a traceback (or a silent NaN) hours later.
+RANGES: dict[str, str] = {
+    "data.maxcount": "[1, inf)",
+    "teachers.width": "(0, inf)", "teachers.input_size": "[8, inf)", "teachers.steps": "[1, inf)",
+    "teachers.batch_size": "[1, inf)", "teachers.lr": "(0, inf)", "teachers.weight_decay": "[0, inf)",
+    "teachers.momentum": "[0, 1)", "teachers.label_smoothing": "[0, 1)",
+    "features.budget_mb": "[0, inf)", "features.batch_size": "[1, inf)",
+    "zipper.align_batches": "[1, inf)",
+    "calibrate.steps": "[0, inf)", "calibrate.batch_size": "[1, inf)", "calibrate.lr": "(0, inf)",
+    "calibrate.momentum": "[0, 1)", "calibrate.weight_decay": "[0, inf)", "calibrate.warmup_steps": "[0, inf)",
+    "calibrate.distill_weight": "[0, inf)", "calibrate.kd_weight": "[0, inf)", "calibrate.kd_temperature": "(0, inf)",
+    "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)", "calibrate.checkpoint_every": "[1, inf)",
+    "evaluate.batch_size": "[1, inf)", "evaluate.latency_repeats": "[1, inf)", "evaluate.threads": "[1, inf)",
+    "runtime.num_workers": "[0, inf)", "runtime.threads": "[0, inf)", "runtime.nproc_per_node": "[1, inf)",
+}
+
+
+def _check_range(key: str, value: float, interval: str) -> None:
+    low, high = (float(bound) for bound in interval[1:-1].split(","))
+    above = value > low if interval[0] == "(" else value >= low
+    below = value < high if interval[-1] == ")" else value <= high
+    if not (above and below and math.isfinite(value)):
+        raise ValueError(f"{key}: expected a value in {interval}, got {value!r}")
+
+
+def _get_dotted(obj: Any, key: str) -> Any:
+    for part in key.split("."):
+        obj = getattr(obj, part)
+    return obj
 
 
 def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:

@@ -31,7 +31,7 @@ COMMITTED = (TEACHER_METRICS, METRICS, *REPORT_FILES)  # small outputs that live
 DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train (torchrun); the rest run in one process
 
 # Every stage runs these (the stage functions, params validation and defaults, file and device helpers).
-COMMON_CODE = ("stages.py", "config.py", "io.py", "runtime.py")
+COMMON_CODE = ("stages.py", "config.py", "io.py", "runtime.py", "locks.py")
 
 
 @dataclass(frozen=True)
@@ -110,13 +110,13 @@ class Stage:
 
 # Package code by what it imports (a test checks these against the stages' import closures).
 _DATA = ("data", "models")
-_NETS = (*_DATA, "merge", "teachers.py", "evaluate.py", "parallel.py")  # train, load and evaluate nets
+_NETS = (*_DATA, "merge", "teachers.py", "evaluate.py", "parallel.py", "guard.py")  # train, load and evaluate nets
 _ZIP = (*_NETS, "calibrate.py")
 _EVALUATE_PARAMS = ("evaluate", "teachers.input_size", "tasks")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "data", "task", reads=(), writes=(SHARDS,),
-          params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample"), code=_DATA),
+          params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample"), code=_DATA, imports="data.tasks"),
     Stage("teachers", "teachers", "task", reads=(SHARDS,), writes=(TEACHER,), shared=(TEACHER_METRICS,),
           params=("teachers", "tasks"), code=_NETS, imports="teachers.checkpoints"),
     Stage("features", "features", "task", reads=(SHARDS, TEACHER), writes=(FEATURES,),
@@ -169,13 +169,21 @@ def _expand(templates: Iterable[str], layout: Layout, tasks: list[str], depths: 
 
 
 def imported_files(s: Stage, params) -> Mapping[str, str]:
-    """Task -> file that the params key `s.imports` names (none without one)."""
+    """Task -> the user's file or folder a stage reads, where the params key `s.imports` names it: an
+    imported teacher checkpoint, or the folder a data source reads (an image folder, a torchvision
+    dataset that is not downloaded). Edit or replace one and the stage runs again."""
     if not s.imports:
         return {}
     node: Any = params
     for part in s.imports.split("."):
         node = getattr(node, part)
-    return node
+    return {task: value["root"] if isinstance(value, Mapping) else value for task, value in node.items()
+            if not isinstance(value, Mapping) or _reads_local_folder(value)}
+
+
+def _reads_local_folder(source: Mapping[str, Any]) -> bool:
+    return source.get("source") == "imagefolder" or (source.get("source") == "torchvision"
+                                                     and not source.get("download", False))
 
 
 def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> StageIO:

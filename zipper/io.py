@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -28,8 +29,27 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
 
 
 def save_torch(obj: Any, path: str | os.PathLike) -> None:
+    """Write `obj` atomically, byte-identical for identical content (an unchanged rerun leaves what
+    follows cached); refuses non-finite weights, so a diverged run never leaves a checkpoint behind."""
+    bad = _non_finite(obj)
+    if bad is not None:
+        raise ValueError(f"refusing to write {path}: tensor {bad!r} holds non-finite values")
+    buffer = io.BytesIO()  # torch.save names the archive inside after a file's name: the temp name would differ
+    torch.save(obj, buffer)
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        tmp.write_bytes(buffer.getbuffer())
+
+
+def _non_finite(obj: Any, where: str = "") -> str | None:
+    """The key path of the first floating-point tensor in `obj` with a NaN or inf, else None."""
+    if isinstance(obj, torch.Tensor):
+        return (where or "<tensor>") if obj.is_floating_point() and not torch.isfinite(obj).all() else None
+    items = obj.items() if isinstance(obj, dict) else enumerate(obj) if isinstance(obj, (list, tuple)) else ()
+    for key, value in items:
+        bad = _non_finite(value, f"{where}.{key}" if where else str(key))
+        if bad is not None:
+            return bad
+    return None
 
 
 def load_torch(path: str | os.PathLike) -> Any:

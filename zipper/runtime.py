@@ -26,9 +26,9 @@ DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
 class RuntimeConfig:
     device: str = "auto"  # auto: cuda if available, else mps, else cpu
     precision: str = "auto"  # autocast dtype; auto: bf16 on GPUs that support it, else fp32
-    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    channels_last: bool = True  # NHWC memory format (faster convolutions on recent GPUs)
     num_workers: int = 0  # data-loader worker processes per training process
-    threads: int = 1  # torch intra-op threads per process (0: torch's default, all cores)
+    threads: int = 0  # torch intra-op threads per process (0: torch's default, all cores)
     nproc_per_node: int = 1  # > 1: teachers and zip launch themselves under torchrun (data parallel)
 
     def __post_init__(self) -> None:
@@ -36,11 +36,6 @@ class RuntimeConfig:
             raise ValueError(f"runtime.device: expected auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if self.precision not in PRECISIONS:
             raise ValueError(f"runtime.precision: expected one of {PRECISIONS}, got {self.precision!r}")
-        for key in ("num_workers", "threads"):
-            if getattr(self, key) < 0:
-                raise ValueError(f"runtime.{key}: must be >= 0, got {getattr(self, key)}")
-        if self.nproc_per_node < 1:
-            raise ValueError(f"runtime.nproc_per_node: must be >= 1, got {self.nproc_per_node}")
 
 
 def resolve_device(name: str, local_rank: int = 0) -> torch.device:
@@ -145,6 +140,20 @@ def set_threads(threads: int) -> None:
     """Pin torch's intra-op threads (0 leaves torch's default)."""
     if threads:
         torch.set_num_threads(threads)
+
+
+def per_task_threads(stage: str, params: Any, threads: int | None = None) -> dict[str, int]:
+    """Tasks -> torch threads each, when a per-task stage (data, teachers) runs one process per task,
+    side by side: on a CPU with threads for more than one (a small net trains far better on one core
+    each than on several cores one after the other; generating images is single-threaded anyway).
+    Empty when the stage runs its tasks in one process. `zipper <stage>` and the Prefect flow both
+    split the threads so, so that both train the same teachers."""
+    total = (params.runtime.threads if threads is None else threads) or torch.get_num_threads()  # 0: torch's default
+    tasks = [t for t in params.tasks if stage != "teachers" or t not in params.teachers.checkpoints]
+    on_cpu = stage == "data" or resolve_device(params.runtime.device).type == "cpu"
+    if len(tasks) < 2 or total < 2 or params.runtime.nproc_per_node > 1 or launched_by_torchrun() or not on_cpu:
+        return {}
+    return {t: max(1, total // len(tasks)) for t in tasks}
 
 
 # ------------------------------------------------------------------------- torch.distributed

@@ -14,6 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
+from . import locks
 from .config import Params
 from .graph import Layout
 from .io import sha256_file, write_json, write_text
@@ -53,11 +54,12 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
             model.cpu()
             origin = {"imported_from": str(cfg.checkpoints[task]), "imported_sha256": sha256_file(cfg.checkpoints[task])}
         else:
-            model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width, input_size=cfg.input_size,
-                                       steps=cfg.steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                                       weight_decay=cfg.weight_decay, momentum=cfg.momentum,
-                                       seed=cfg.seed + params.tasks.index(task), augment=cfg.augment,
-                                       label_smoothing=cfg.label_smoothing, runtime=runtime)
+            with locks.training(layout.root):
+                model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width,
+                                           input_size=cfg.input_size, steps=cfg.steps, batch_size=cfg.batch_size,
+                                           lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
+                                           seed=cfg.seed + params.tasks.index(task), augment=cfg.augment,
+                                           label_smoothing=cfg.label_smoothing, runtime=runtime)
             origin = {}
         accs[task] = acc
         if not runtime.is_main:
@@ -177,9 +179,12 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
              depth, prev_path.name, params.zipper.init, targets, runtime.describe())
     # What else decides the result: a partial checkpoint made from other inputs must not be resumed.
     provenance["init"] = params.zipper.init  # evaluate reports it from here, not from params that may have moved on
-    resume_key = {**provenance, "prev_sha256": sha256_file(prev_path), "targets": targets}
-    curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth), runtime=runtime,
-                       resume_key=resume_key)
+    resume_key = {**provenance, "prev_sha256": sha256_file(prev_path), "targets": targets,
+                  "augment": params.teachers.augment,
+                  **{f"shards.{t}.sha256": sha256_file(layout.shards(t) / "manifest.json") for t in params.tasks}}
+    with locks.training(layout.root):
+        curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth),
+                           runtime=runtime, resume_key=resume_key)
     if not runtime.is_main:
         return
     net.save(layout.zipped(depth), **provenance, **{"params.calibrate": params.section_hash("calibrate")},
@@ -205,15 +210,16 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
            for t in params.tasks}
     acc = evaluate_zipper(runtime.module(net), val, runtime)
     net.cpu()
-    # CPU batch-1 latency is the deployment measure; on an accelerator, serving throughput beside it.
-    gpu = throughput(net, teachers, runtime, batch=cfg.batch_size) if runtime.device.type != "cpu" else {}
     teacher_acc = {t: v["val_acc"] for t, v in json.loads(layout.teacher_metrics.read_text()).items() if t in acc}
     drop = {t: 100 * (teacher_acc[t] - acc[t]) for t in acc}
-    # The teachers' sizes and memory are measured once, at depth 0; every depth reads them from there.
-    side = (teacher_stats(teachers, threads=cfg.threads, memory=cfg.memory) if depth == 0
-            else json.loads(layout.metrics(0).read_text())["teachers_side"])
-    prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory,
-                   teachers_side=side)
+    with locks.measuring(layout.root):  # timings taken beside a training would say more about the training
+        # CPU batch-1 latency is the deployment measure; on an accelerator, serving throughput beside it.
+        gpu = throughput(net, teachers, runtime, batch=cfg.batch_size) if runtime.device.type != "cpu" else {}
+        # The teachers' sizes and memory are measured once, at depth 0; every depth reads them from there.
+        side = (teacher_stats(teachers, threads=cfg.threads, memory=cfg.memory) if depth == 0
+                else json.loads(layout.metrics(0).read_text())["teachers_side"])
+        prof = profile(net, teachers, repeats=cfg.latency_repeats, threads=cfg.threads, memory=cfg.memory,
+                       teachers_side=side)
     curves = json.loads(layout.curves(depth).read_text())
     row = {"depth": depth, "scope": net.spec.scope, "init": net.provenance.get("init"), "targets": curves["targets"],
            "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),

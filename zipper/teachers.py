@@ -18,15 +18,17 @@ from tqdm.auto import tqdm
 
 from .data import read_manifest, train_batches, val_batches
 from .evaluate import accuracy
+from .guard import check_loss
 from .io import load_torch, save_torch
 from .models import Backbone, build_model, torchvision_key
-from .parallel import data_parallel
+from .parallel import data_parallel, mean_over_processes
 from .runtime import CPU, Runtime, cpu_state
 
 log = logging.getLogger(__name__)
 
 FORMAT = "zipper.Teacher/1"
 WARMUP_FRACTION = 0.05  # linear warm-up share of the steps before the cosine decay
+LOSS_CHECK_EVERY = 10  # steps between divergence checks (each reads the loss back from the device)
 
 
 def lr_at(step: int, steps: int, lr: float) -> float:
@@ -73,12 +75,17 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
             with runtime.autocast():
                 logits = forward(x)
             loss = F.cross_entropy(logits.float(), y, label_smoothing=label_smoothing)
+            if step % LOSS_CHECK_EVERY == 0 or step == steps - 1:
+                value = mean_over_processes([loss.item()], runtime)[0]  # every process stops together
+                first = value if step == 0 else first
+                check_loss(value, first, where=f"teacher {manifest['task']}, step {step}",
+                           hint="lower teachers.lr (or add teachers.steps for a longer warm-up)")
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
             scaler.update()
             if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{loss.item():.3f}")
+                bar.set_postfix(loss=f"{value:.3f}")
             if on_step is not None:
                 on_step(step + 1, model)
     model.eval()

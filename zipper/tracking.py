@@ -4,27 +4,64 @@ Promotion uses aliases (`champion`), never the deprecated stages.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import tempfile
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
+from urllib.parse import urlsplit, urlunsplit
 
 from .config import Params, TrackingConfig
 
 log = logging.getLogger(__name__)
 
 ALIAS = "champion"
+ROOT_TAG = "zipper.root"  # on a pipeline's parent run: the project root it logged
+VERSION_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from a model version
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
-def _client(cfg: TrackingConfig, root: Path):
+def redacted(uri: str) -> str:
+    """`uri` with the password of its user info replaced: what may be printed, logged or stored."""
+    parts = urlsplit(uri)
+    if not parts.password:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def connect(cfg: TrackingConfig, root: Path, *, set_experiment: bool = False):
+    """An MlflowClient on the tracking (and registry) URI, with its store created or migrated first, and
+    with `set_experiment`, the configured experiment made the active one (created if missing)."""
     import mlflow
 
-    mlflow.set_tracking_uri(cfg.tracking_uri(root))
-    mlflow.set_registry_uri(cfg.tracking_uri(root))
-    return mlflow.MlflowClient()
+    uri = cfg.tracking_uri(root)
+    with _store_lock(uri):  # the first use creates or migrates a sqlite store: one process at a time
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_registry_uri(uri)
+        client = mlflow.MlflowClient()
+        client.search_experiments(max_results=1)
+        client.search_registered_models(max_results=1)  # the registry's store: the same file, another engine
+        if set_experiment:  # created by the first of two concurrent pipelines, found by the second
+            mlflow.set_experiment(cfg.experiment)
+    return client
+
+
+@contextmanager
+def _store_lock(uri: str) -> Iterator[None]:
+    """An fcntl lock beside a local sqlite store (two processes migrating one new file: one fails)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or not parts.path.strip("/"):
+        yield
+        return
+    path = Path(parts.path[1:])  # sqlite:///relative/file, sqlite:////absolute/file
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -45,12 +82,14 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     from .data import read_manifest
 
     root = Path(layout.root).resolve()
-    client = _client(params.tracking, root)
-    mlflow.set_experiment(params.tracking.experiment)
+    client = connect(params.tracking, root, set_experiment=True)
+    _fail_interrupted_runs(client, mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id, root)
     name = params.tracking.registered_model
     classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
-    summary: dict[str, Any] = {"tracking_uri": params.tracking.tracking_uri(root), "registered_model": name, "depths": {}}
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"zipper {'+'.join(params.tasks)}") as parent:
+    summary: dict[str, Any] = {"tracking_uri": redacted(params.tracking.tracking_uri(root)), "registered_model": name,
+                               "depths": {}}
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"zipper {'+'.join(params.tasks)}",
+                                                                tags={ROOT_TAG: str(root)}) as parent:
         summary["parent_run_id"] = parent.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(asdict(params)).items()})
         mlflow.log_metrics({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()})
@@ -86,6 +125,19 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     return summary
 
 
+def _fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
+    """A pipeline run of this root still RUNNING was killed mid-register (the root lock rules out a live
+    one): mark it and its depth runs FAILED, so that neither the UI nor `promote` takes it for a result."""
+    from mlflow.entities import RunStatus
+
+    running = "attributes.status = 'RUNNING'"
+    for parent in client.search_runs([experiment_id], f"tags.`{ROOT_TAG}` = '{root}' and {running}"):
+        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}")
+        for run in [*children, parent]:
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+        log.warning("MLflow run %s (a pipeline run of %s) was interrupted; marked FAILED", parent.info.run_id, root)
+
+
 def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
     m = {k: row[k] for k in ("comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp", "max_drop_pp",
                              "final_loss")}
@@ -101,13 +153,13 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None, 
     """
     if (max_drop is None) == (depth is None):
         raise ValueError("promote needs exactly one of --max-drop PCT or --depth K")
-    client = _client(params.tracking, Path(root))
+    client = connect(params.tracking, Path(root))
     name = params.tracking.registered_model
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
-        raise ValueError(f"registered model {name!r} has no versions at {params.tracking.tracking_uri(root)}; "
+        raise ValueError(f"registered model {name!r} has no versions at {redacted(params.tracking.tracking_uri(root))}; "
                          "run the pipeline (register stage) first")
-    latest = max(versions, key=lambda v: int(v.version)).tags.get("pipeline_run")
+    latest = _latest_complete_pipeline_run(client, versions)
     candidates = sorted((v for v in versions if v.tags.get("pipeline_run") == latest), key=lambda v: int(v.tags["depth"]))
     if depth is not None:
         chosen = [v for v in candidates if int(v.tags["depth"]) == depth]
@@ -122,7 +174,17 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None, 
     pick = chosen[-1]
     client.set_registered_model_alias(name, ALIAS, pick.version)
     result = {"name": name, "alias": ALIAS, "version": pick.version, "depth": int(pick.tags["depth"]),
-              "max_drop_pp": float(pick.tags["max_drop_pp"]), "uri": f"models:/{name}@{ALIAS}"}
-    log.info("promoted %s version %s (depth %d, worst drop %.2f pp) as @%s", name, pick.version, result["depth"],
-             result["max_drop_pp"], ALIAS)
+              "max_drop_pp": float(pick.tags["max_drop_pp"]), "uri": f"models:/{name}@{ALIAS}", "pipeline_run": latest}
+    log.info("promoted %s version %s (depth %d, worst drop %.2f pp) of pipeline run %s as @%s", name, pick.version,
+             result["depth"], result["max_drop_pp"], latest, ALIAS)
     return result
+
+
+def _latest_complete_pipeline_run(client, versions) -> str:
+    """The newest pipeline run (by its versions) that finished registering every depth: an interrupted
+    one (RUNNING, or FAILED by the next run) may lack depths or tags."""
+    complete = [v for v in versions if VERSION_TAGS <= v.tags.keys()]
+    for run_id in dict.fromkeys(v.tags["pipeline_run"] for v in sorted(complete, key=lambda v: -int(v.version))):
+        if client.get_run(run_id).info.status == "FINISHED":
+            return run_id
+    raise ValueError(f"no complete pipeline run among the versions of {versions[0].name!r}: rerun the register stage")

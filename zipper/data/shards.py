@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from webdataset.gopen import gopen
 
 from ..io import sha256_file, write_json
-from .sources import BadSample, SPLITS, load_source, resize_center, resolve
+from .sources import BadSample, SPLITS, check_image_size, load_source, resize_center, resolve
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +88,10 @@ def encode_png(img: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def decode_png(data: bytes) -> np.ndarray:
-    """PNG (or any PIL-readable) bytes -> uint8 array (H, W, 3)."""
+def decode_png(data: bytes, origin: str = "image bytes") -> np.ndarray:
+    """PNG (or any PIL-readable) bytes -> uint8 array (H, W, 3); `origin` names them in errors."""
     with Image.open(io.BytesIO(data)) as img:
+        check_image_size(img, len(data), origin)
         return np.asarray(img.convert("RGB"))
 
 
@@ -431,6 +432,9 @@ def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str,
         if m is None or os.path.basename(name).startswith("__") or m.group(2).startswith("__"):
             continue  # no extension, or WebDataset metadata
         key, ext = m.group(1), m.group(2).lower()
+        if Path(key).is_absolute() or ".." in Path(key).parts:
+            raise ValueError(f"shard {url}: member name {name!r} is absolute or contains '..' (a sample key must "
+                             "stay inside the shard)")
         if sample is not None and key != sample["__key__"]:
             yield sample
             sample = None
@@ -584,7 +588,7 @@ class Prepare:
 
     def __call__(self, sample: Mapping[str, Any]) -> tuple[np.ndarray, int]:
         try:
-            img = decode_png(sample["png"])
+            img = decode_png(sample["png"], f"{sample.get('__key__')!r}")
         except Exception as e:  # PIL raises many types for bad bytes
             raise ValueError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}: unreadable image "
                              f"({type(e).__name__}: {e})") from e

@@ -47,6 +47,20 @@ class BadSample(ValueError):
     """An input image that cannot be read; the message names the file."""
 
 
+# The largest image accepted (a 12 KB PNG can declare 100 Mpx): a photo of 8000 x 6000 fits; anything
+# bigger is a decompression bomb or a scan that would slow every training step that reads it.
+MAX_IMAGE_PIXELS = 50_000_000
+MAX_IMAGE_BYTES = 100 * 2**20
+
+
+def check_image_size(img: Image.Image, nbytes: int, origin: str) -> None:
+    """Refuse an opened (not yet decoded) image over MAX_IMAGE_PIXELS or a file over MAX_IMAGE_BYTES."""
+    w, h = img.size
+    if w * h > MAX_IMAGE_PIXELS or nbytes > MAX_IMAGE_BYTES:
+        raise BadSample(f"image {origin} is too large: {w} x {h} px, {nbytes} bytes (at most {MAX_IMAGE_PIXELS} px "
+                        f"and {MAX_IMAGE_BYTES} bytes; resize it, and set the source's image_size)")
+
+
 @dataclass(frozen=True)
 class Sample:
     """One input sample: `load()` returns (RGB image, label) or raises BadSample naming `origin`."""
@@ -170,9 +184,12 @@ def _digits(cfg: dict[str, Any]) -> SourceData:
 def _open_image(path: Path, label: int, size: int | None = None) -> tuple[Image.Image, int]:
     try:
         with Image.open(path) as img:
+            check_image_size(img, path.stat().st_size, str(path))
             img.load()  # decode now: truncated files fail here, not later
             rgb = to_rgb(img)
         return (resize_center(rgb, size) if size else rgb), label
+    except BadSample:
+        raise
     except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, DecompressionBombError)
         raise BadSample(f"unreadable image {path}: {type(e).__name__}: {e}") from e
 

@@ -1,5 +1,7 @@
-"""Stages run as their `zipper` command from a flow task (runtime.nproc_per_node > 1: the command
-relaunches itself under torchrun), its output streamed line by line to the task's log."""
+"""The training stages (teachers, zip) run as their `zipper` command from a flow task, as under DVC: a
+process of their own (torch's global RNG and thread settings are per process, so results do not depend
+on what runs beside them; with runtime.nproc_per_node > 1 the command relaunches itself under torchrun),
+its output streamed line by line to the task's log."""
 from __future__ import annotations
 
 import collections
@@ -17,8 +19,8 @@ import yaml
 from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
-from zipper.config import Params
-from zipper.graph import DATA_PARALLEL_STAGES
+from zipper.locks import held_by_parent
+
 
 log = logging.getLogger(__name__)
 
@@ -44,20 +46,15 @@ def cli_args(params_path: str | os.PathLike, root: str | os.PathLike,
     return tuple(args)
 
 
-def as_command(stage: str, params: Params) -> bool:
-    """Whether the flow runs `stage` as its `zipper` command instead of in-process: the data-parallel
-    stages when runtime.nproc_per_node > 1 (the command relaunches itself under torchrun)."""
-    return stage in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1
-
-
-def stage_command(stage: str, cli: Iterable[str], arg: str | int | None = None) -> list[str]:
-    """`zipper <stage> <cli> [--depth K | --task NAME]`, with this interpreter."""
+def stage_command(stage: str, cli: Iterable[str], arg: str | int | None = None, threads: int | None = None
+                  ) -> list[str]:
+    """`zipper <stage> <cli> [--depth K | --task NAME] [--threads N]`, with this interpreter."""
     cmd = [sys.executable, "-m", "zipper.cli", stage, *cli]
     if stage in ("zip", "evaluate"):
         cmd += ["--depth", str(arg)]
     elif arg is not None:
         cmd += ["--task", str(arg)]
-    return cmd
+    return cmd + (["--threads", str(threads)] if threads is not None else [])
 
 
 def _task_logger() -> logging.Logger | logging.LoggerAdapter:
@@ -68,7 +65,7 @@ def _task_logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter | None = None,
-                tail: int = COMMAND_TAIL) -> None:
+                tail: int = COMMAND_TAIL, env: Mapping[str, str] | None = None) -> None:
     """Run `cmd`, each line of its output (stdout and stderr) logged as it comes, to the task's run
     logger by default; raise StageCommandError with its last `tail` lines if it exits non-zero.
 
@@ -79,7 +76,7 @@ def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter |
     logger.info("running %s", shlex.join(cmd))
     last: collections.deque[str] = collections.deque(maxlen=tail)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -103,9 +100,11 @@ def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter |
                                 + "\n".join(last))
 
 
-def run_stage_command(stage: str, params: Params, cli: Iterable[str], arg: str | int) -> None:
+def run_stage_command(stage: str, cli: Iterable[str], arg: str | int, root: str | os.PathLike,
+                      threads: int | None = None) -> None:
+    """Run a stage's command for the flow run that holds `root`'s lock."""
     cli = tuple(cli)
     if not cli:
-        raise ValueError(f"{stage}: runtime.nproc_per_node={params.runtime.nproc_per_node} runs it as a command, "
-                         "which needs the flow run's command-line options (cli=cli_args(...))")
-    run_command(stage_command(stage, cli, arg))
+        raise ValueError(f"{stage} runs as its command, which needs the flow run's command-line options "
+                         "(cli=cli_args(...))")
+    run_command(stage_command(stage, cli, arg, threads), env=held_by_parent(root))

@@ -12,9 +12,12 @@ this module only wires them together, along the stage graph of `zipper.graph` th
   at depth k resumes at depth k (and mid-calibration, from the stage's own partial checkpoint);
 - a cached result is used only while the files that task wrote are still there and unchanged: a
   deleted or edited checkpoint makes its task run again (and, through the hashes, what follows);
-- with `runtime.nproc_per_node > 1` the data-parallel stages (teachers, zip) run as their `zipper`
-  command, which relaunches itself under torchrun, its output streamed to the task's log; every other
-  stage runs in-process with `runtime.threads` torch threads;
+- the training stages (teachers, zip) run as their `zipper` command, as under DVC, in a process of
+  their own (torch's RNG and thread settings are per process): the flow and `dvc repro` write the same
+  checkpoints; with `runtime.nproc_per_node > 1` the command relaunches itself under torchrun. Their
+  output streams to the task's log. Every other stage runs in-process with `runtime.threads` threads;
+- one pipeline per project root: the flow holds the root's lock (`zipper.locks`) while it runs, and
+  evaluations time their latency only while no training runs;
 - on Dask, when `runtime.device` names CUDA, the teachers and zip tasks ask for the worker resource
   `GPU` (= nproc_per_node), so only workers started with `--resources GPU=N` run them.
 """
@@ -36,9 +39,10 @@ from zipper import runtime as zruntime
 from zipper import stages
 from zipper.config import Params, load_params
 from zipper.graph import DATA_PARALLEL_STAGES, Layout
+from zipper.locks import root_lock
 
 from .cache import StageCache, output_state
-from .commands import as_command, cli_args, run_stage_command
+from .commands import cli_args, run_stage_command
 from .runners import check_gpu_workers, default_task_runner, make_task_runner, submit, task_resources
 
 log = logging.getLogger(__name__)
@@ -82,12 +86,10 @@ def data_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
 
 @task(**_options("teachers", "teacher-{name}"))
 def teachers_task(params: Params, layout: Layout, name: str, cli: tuple[str, ...] = ()) -> dict[str, Any]:
-    if as_command("teachers", params):
-        run_stage_command("teachers", params, cli, name)
-        acc = json.loads(layout.teacher_metrics.read_text())[name]["val_acc"]
-    else:
-        _in_process(params)
-        acc = stages.run_teachers(params, layout, tasks=[name])[name]
+    # With the threads `zipper teachers` gives each task's process: the same teachers as dvc repro's.
+    run_stage_command("teachers", cli, name, layout.root,
+                      threads=zruntime.per_task_threads("teachers", params).get(name))
+    acc = json.loads(layout.teacher_metrics.read_text())[name]["val_acc"]
     return _done("teachers", params, layout, name, val_acc=acc)
 
 
@@ -100,11 +102,7 @@ def features_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
 
 @task(**_options("zip", "zip-depth-{depth}"))
 def zip_task(params: Params, layout: Layout, depth: int, cli: tuple[str, ...] = ()) -> dict[str, Any]:
-    if as_command("zip", params):
-        run_stage_command("zip", params, cli, depth)
-    else:
-        _in_process(params)
-        stages.run_zip(params, layout, depth)
+    run_stage_command("zip", cli, depth, layout.root)
     return _done("zip", params, layout, depth)
 
 
@@ -164,7 +162,12 @@ def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
     as it exists; report; register. `overrides`: dotted params keys, as `zipper <stage> --set`."""
     params = load_params(params_path, overrides or {})
     layout = Layout(Path(root).resolve())
-    cli = cli_args(params_path, root, overrides)  # for the stages that run as commands (nproc_per_node > 1)
+    cli = cli_args(params_path, root, overrides)  # for the training stages, which run as commands
+    with root_lock(layout.root, f"Prefect flow run {FlowRunContext.get().flow_run.name!r}"):
+        return _pipeline(params, layout, cli)
+
+
+def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str, Any]:
     gpu = {s: task_resources(s, params.runtime) for s in DATA_PARALLEL_STAGES}
     check_gpu_workers(FlowRunContext.get().task_runner, gpu["zip"])
     storage = layout.root / RESULTS_DIR  # a Path: Prefect makes it a LocalFileSystem, no saved block needed
