@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the build served from local disk on our machines (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast test-isa install bench clean
+.PHONY: demo test test-fast test-isa lint install bench clean
 
 # uv installs what pip would, a third of the time (parallel downloads and unpacking; docs/reproducibility.md).
 # It reads no pip configuration: the extra indexes pip is configured with are passed on, and the best
@@ -43,6 +43,9 @@ test-fast: install
 # The fast tier and every training-dependent test once per CPU kernel path this machine can emulate.
 test-isa: install
 	$(PY) tests/kernel_paths.py
+
+lint: install
+	$(VENV)/bin/ruff check zipper tests benchmarks
 
 bench: install
 	$(VENV)/bin/zipper bench table1 --json docs/table1.json

@@ -26,8 +26,16 @@ import torch.nn.functional as F
 from PIL import Image
 
 from zipper import build_model
-from zipper.data import cached_batches, train_batches, val_batches, write_feature_cache, write_shards
-from zipper.data import MEAN, STD, synthetic
+from zipper.data import (
+    MEAN,
+    STD,
+    cached_batches,
+    synthetic,
+    train_batches,
+    val_batches,
+    write_feature_cache,
+    write_shards,
+)
 
 
 def write_folder(root: Path, task: str, n: int, seed: int) -> None:
@@ -147,7 +155,8 @@ def bench_calibration(shards: Path, cache: Path, steps: int, batch: int, width: 
         for _ in range(5):
             next(it)
         per.append((time.perf_counter() - t) / 5)
-    print(f"per batch: teacher forward_intermediates {1000 * fwd:.0f} ms; reading a batch of images {1000 * per[0]:.0f} ms, "
+    print(f"per batch: teacher forward_intermediates {1000 * fwd:.0f} ms; "
+          f"reading a batch of images {1000 * per[0]:.0f} ms, "
           f"of images + cached targets {1000 * per[1]:.0f} ms")
     shutil.rmtree(cache)
 
@@ -159,7 +168,8 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=1000, help="calibration images in the feature cache")
     ap.add_argument("--widths", type=float, nargs="+", default=[0.25, 1.0], help="MobileNetV1 widths to time")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 is fastest on a busy 2-core box)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch intra-op threads (1 is fastest when the data path, not the math, is the cost)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="zipper-bench-"))

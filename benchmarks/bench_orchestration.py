@@ -66,7 +66,8 @@ def _timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[f
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n{(proc.stdout + proc.stderr)[-3000:]}")
+        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n"
+                         f"{(proc.stdout + proc.stderr)[-3000:]}")
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -104,7 +105,8 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[str, tuple[float, float]]] = {}
     try:
         # Warm the page cache (torch, prefect, mlflow) so the first variant does not pay for a cold disk.
-        subprocess.run([py, "-c", "import torch, torchvision, prefect, mlflow, dvc, zipper.stages"], env=env, check=True)
+        subprocess.run([py, "-c", "import torch, torchvision, prefect, mlflow, dvc, zipper.stages"],
+                       env=env, check=True)
         if not args.no_bare:
             root = _project(base, "bare", args.params, overrides)
             runs["bare"] = {"first": _timed([py, "-c", BARE, str(root), "{}"], root, env, base / "bare.log")}
@@ -131,10 +133,12 @@ def main(argv: list[str] | None = None) -> dict:
                     "wall_s": {n: {k: v[0] for k, v in r.items()} for n, r in runs.items()},
                     "cpu_s": {n: {k: v[1] for k, v in r.items()} for n, r in runs.items()}}
     bare = runs.get("bare", {}).get("first")
-    print(f"{'variant':<9} {'wall':>8} {'cpu':>8} {'wall vs bare':>13} {'cpu vs bare':>12} {'no-op wall':>11} {'no-op cpu':>10}")
+    print(f"{'variant':<9} {'wall':>8} {'cpu':>8} {'wall vs bare':>13} {'cpu vs bare':>12} "
+          f"{'no-op wall':>11} {'no-op cpu':>10}")
     for name, r in runs.items():
         (wall, cpu), noop = r["first"], r.get("noop")
-        vs = (f"{100 * (wall - bare[0]) / bare[0]:+.1f}%", f"{100 * (cpu - bare[1]) / bare[1]:+.1f}%") if bare else ("-", "-")
+        vs = (f"{100 * (wall - bare[0]) / bare[0]:+.1f}%",
+              f"{100 * (cpu - bare[1]) / bare[1]:+.1f}%") if bare else ("-", "-")
         print(f"{name:<9} {wall:>6.1f} s {cpu:>6.1f} s {vs[0]:>13} {vs[1]:>12} "
               f"{f'{noop[0]:.1f} s' if noop else '-':>11} {f'{noop[1]:.1f} s' if noop else '-':>10}")
     (dw, dc), (pw, pc) = runs["dvc"]["first"], runs["prefect"]["first"]
@@ -152,5 +156,5 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
-if __name__ == "__main__":  # guard needed: zipper.evaluate's forkserver re-imports the main module
+if __name__ == "__main__":  # guard needed: zipper.memory's forkserver re-imports the main module
     main()

@@ -46,9 +46,9 @@ from zipper.config import Params, load_params, parse_overrides
 from zipper.data import read_manifest, val_batches
 from zipper.data.features import cache_matches
 from zipper.evaluate import accuracy, evaluate_zipper
+from zipper.graph import Layout
 from zipper.io import atomic_path, sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
-from zipper.graph import Layout
 from zipper.stages import calibration_streams, load_teachers, run_data, run_features, run_teachers
 
 log = logging.getLogger("compare_inits")
@@ -190,7 +190,8 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         steps = [e["step"] for e in rs[0]["evals"]]
         out.append({"depth": depth, "init": init, "seeds": sorted(r["seed"] for r in rs),
                     "before": avg([r["before"] for r in rs]), "after": avg([r["after"] for r in rs]),
-                    "evals": [{"step": s, "acc": avg([r["evals"][i]["acc"] for r in rs])} for i, s in enumerate(steps)]})
+                    "evals": [{"step": s, "acc": avg([r["evals"][i]["acc"] for r in rs])}
+                              for i, s in enumerate(steps)]})
     return out
 
 
@@ -256,7 +257,8 @@ def write_markdown(path: Path, result: dict) -> None:
          f"- wall time {result['wall_s'] / 60:.1f} min, {result['jobs']} process(es) of {result['machine']}.", "",
          "## Accuracy (%) per task, mean over seeds: " + " / ".join(tasks), "",
          f"Teachers: {fmt_acc(ta)}.", "",
-         "| depth | init | before | after | " + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
+         "| depth | init | before | after | "
+         + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
          "|---:|---|---|---|" + "---:|" * (1 + len(LOOSE_PP))]
     for d in depths:
         for init in inits:
@@ -370,12 +372,14 @@ def main(argv: list[str] | None = None) -> None:
                     help="teacher targets: computed online (augmented batches; features.enabled=false), from the "
                          "feature cache (features.enabled=true), or as params.yaml says. On this 2-core box the "
                          "cache is the slower one (decoding 13 fp16 taps per sample costs more than a teacher forward)")
-    ap.add_argument("--threads", type=int, default=1, help="torch threads per process (more than 1 on a busy 2-core box is far slower)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch threads per process (small matrices: more than 1 is far slower)")
     ap.add_argument("--seeds", default="0", help="comma list: each seed reruns every cell with its own data order")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes, one (depth, seed) unit at a time each")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
     ap.add_argument("--out", default="docs/alignment", help="output prefix: writes .json, .md, .png")
-    ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json, run nothing")
+    ap.add_argument("--render-only", action="store_true",
+                    help="rewrite <out>.md and <out>.png from <out>.json, run nothing")
     args = ap.parse_args(argv)
     if args.render_only:
         out = Path(args.out)
@@ -410,7 +414,8 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py",
+                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
     result: dict[str, Any] = {
         "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths, "seeds": seeds,
         "data": ", ".join(f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "

@@ -2,6 +2,7 @@
 
 Prints a markdown table, per depth and task, of each run's val accuracy (%) from metrics/depth_<k>.json
 and their difference, then the largest difference; exits 1 when it exceeds `--tolerance` points.
+With `--speedups`, also each depth's measured speedup in both runs (timings: not part of the exit code).
 
     .venv/bin/python benchmarks/compare_runs.py ROOT_A ROOT_B [--names A,B] [--tolerance 1.0]
 
@@ -50,17 +51,34 @@ def table(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str]) -> tup
     return "\n".join(lines) + "\n", worst
 
 
+def speedup_table(a: dict[int, dict], b: dict[int, dict], names: tuple[str, str]) -> tuple[str, float]:
+    """Per depth: the MACs ratio and each run's measured speedup, and their relative difference."""
+    depths = [d for d in sorted(set(a) & set(b)) if d > 0]
+    lines = [f"| depth | MACs ratio | speedup, {names[0]} | speedup, {names[1]} | difference |", "|" + "---:|" * 5]
+    worst = 0.0
+    for d in depths:
+        sa, sb = a[d]["speedup"], b[d]["speedup"]
+        rel = 100 * (sa - sb) / sb
+        worst = max(worst, abs(rel))
+        lines.append(f"| {d} | {a[d]['macs_ratio']:.3f} | {sa:.3f} | {sb:.3f} | {rel:+.1f}% |")
+    return "\n".join(lines) + "\n", worst
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("a")
     parser.add_argument("b")
     parser.add_argument("--names", default="A,B", help="column names of the two runs (default: A,B)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="largest allowed difference, points")
+    parser.add_argument("--speedups", action="store_true", help="also compare the measured speedups (timings)")
     args = parser.parse_args()
     names = tuple(args.names.split(","))
     text, worst = table(read_rows(args.a), read_rows(args.b), names)
     print(text)
     print(f"largest difference: {worst:.2f} points (tolerance {args.tolerance:.2f})")
+    if args.speedups:
+        text, rel = speedup_table(read_rows(args.a), read_rows(args.b), names)
+        print(f"\n{text}\nlargest speedup difference: {rel:.1f}%")
     return 0 if worst <= args.tolerance else 1
 
 

@@ -198,8 +198,10 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
     def base(r: dict[str, Any]) -> bool:
         return r["seed"] == base_seed and on_base_path(r)
 
-    lines = ["Val accuracy (%) of MobileNetV1-0.25 teachers; recipes override params.yaml `teachers` / `data.tasks`:", ""]
-    lines += [f"- `{n}`: {', '.join(f'{k}={v}' for k, v in o.items()) or 'params.yaml as is'}" for n, o in recipes.items()]
+    lines = ["Val accuracy (%) of MobileNetV1-0.25 teachers; recipes override params.yaml `teachers` / `data.tasks`:",
+             ""]
+    lines += [f"- `{n}`: {', '.join(f'{k}={v}' for k, v in o.items()) or 'params.yaml as is'}"
+              for n, o in recipes.items()]
     lines += ["", f"### Steps (seed {base_seed}, {path_name(base_path)})", "",
               "| recipe | steps | " + " | ".join(f"{t} | Δ vs half" for t in tasks) + " | s/teacher |",
               "|---|---:|" + "---:|---:|" * len(tasks) + "---:|"]
@@ -220,9 +222,11 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
         groups = {k: v for k, v in groups.items() if len(v) > 1}
         if not groups:
             continue
-        lines += ["", f"### {title}", "", "| recipe | steps | task | " + varies + ": accuracy | spread | distinct weights |",
+        lines += ["", f"### {title}", "",
+                  "| recipe | steps | task | " + varies + ": accuracy | spread | distinct weights |",
                   "|---|---:|---|---|---:|---:|"]
-        for (name, steps, task), rs in sorted(groups.items(), key=lambda kv: (list(recipes).index(kv[0][0]), *kv[0][1:])):
+        for (name, steps, task), rs in sorted(groups.items(),
+                                              key=lambda kv: (list(recipes).index(kv[0][0]), *kv[0][1:])):
             label = (lambda r: f"{r['seed']}") if varies == "seed" else path_name
             accs = ", ".join(f"{label(r)}: {r['acc']:.2f}" for r in rs)
             lines.append(f"| {name} | {steps} | {task} | {accs} | {spread([r['acc'] for r in rs]):.2f} | "
@@ -284,7 +288,8 @@ def main() -> None:
     slots, lock, t0, failed = Slots(args.jobs), threading.Lock(), time.perf_counter(), 0
     units.sort(key=lambda u: -u["steps"] * u["threads"])  # longest first: less idle time at the end
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_unit, u, params["teachers"], shards[unit_key(u)], slots, args.jobs, log_dir): u for u in units}
+        futures = {pool.submit(run_unit, u, params["teachers"], shards[unit_key(u)], slots, args.jobs, log_dir): u
+                   for u in units}
         for n, fut in enumerate(as_completed(futures), 1):
             u = futures[fut]
             try:

@@ -22,7 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params.tiny.yaml"
 
 
-def blob_task(num_classes: int, n: int, seed: int, size: int = 32, kind: str = "colour") -> tuple[torch.Tensor, torch.Tensor]:
+def blob_task(num_classes: int, n: int, seed: int, size: int = 32,
+              kind: str = "colour") -> tuple[torch.Tensor, torch.Tensor]:
     """Images whose class is a colour (kind="colour") or a stripe frequency (kind="stripes"), plus noise."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
@@ -102,8 +103,8 @@ def digests(path: Path) -> dict[str, str]:
 
 def checkpoint_digests(root: Path) -> dict[str, str]:
     """sha256 of every teacher and zipped checkpoint under a project root."""
-    return {f"{folder}/{name}": digest for folder in ("models/teachers", "models/zipped")
-            for name, digest in digests(root / folder).items()}
+    files = sorted([*root.glob("models/teachers/*.pt"), *root.glob("models/zip/depth_*.pt")])
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
 @pytest.fixture(scope="session")

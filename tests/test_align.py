@@ -9,8 +9,7 @@ import torch
 
 import zipper
 from zipper.merge import align, deepen_aligned
-from zipper.merge.align import (align_models, find_permutations, permutation_spec, permute_model,
-                                random_permutations)
+from zipper.merge.align import align_models, find_permutations, permutation_spec, permute_model, random_permutations
 from zipper.merge.bn import reset_bn_stats
 from zipper.models import ARCHS
 
@@ -19,7 +18,7 @@ SIZE = 32
 
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
-    # Tiny tensors: on a busy 2-core box torch's thread pool makes these tests many times slower.
+    # Tiny tensors: torch's thread pool makes these tests many times slower.
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -8,8 +8,8 @@ import os
 
 from zipper import bench, build_model
 from zipper.bench_calibrate import MODES, BenchConfig, parse_workers, write_caches
-from zipper.runtime import CPU
 from zipper.cli import main
+from zipper.runtime import CPU
 
 REQUIRED = {"depth", "scope", "comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp",
             "paper_comp", "paper_speedup", "paper_memory"}

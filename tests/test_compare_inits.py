@@ -25,7 +25,8 @@ def test_gaps_pair_each_seed_with_its_own_average_and_the_claim_reads_the_means(
     gaps = {g["depth"]: g for g in compare_inits.gaps(rows, ["average", "weights"])}
     assert gaps[2]["before_pp_seeds"] == pytest.approx([20.0, 20.0])
     assert gaps[2]["after_pp_seeds"] == pytest.approx([-5.0, 10.0])
-    assert gaps[2]["after_pp"] == pytest.approx(2.5) and gaps[2]["after_pp_task"] == pytest.approx({"shapes": 5.0, "textures": 0.0})
+    assert (gaps[2]["after_pp"] == pytest.approx(2.5)
+            and gaps[2]["after_pp_task"] == pytest.approx({"shapes": 5.0, "textures": 0.0}))
     claim = compare_inits.claim(list(gaps.values()))["weights"]
     assert not claim["holds"] and [f["depth"] for f in claim["failures"]] == [3]  # worse before at depth 3
     means = {(r["depth"], r["init"]): r for r in compare_inits.mean_rows(rows)}

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def _write(tmp_path, mutate) -> Path:
     (lambda r: r["data"]["tasks"].update(pets={"source": "imagefolder"}), r"data.tasks.pets: .*missing key 'root'"),
     (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
     (lambda r: r["teachers"].update(label_smoothing=1.0), r"teachers.label_smoothing: expected a value in \[0, 1\)"),
-    (lambda r: r["calibrate"].update(checkpoint_every=0), r"calibrate.checkpoint_every: expected a value in \[1, inf\), got 0"),
+    (lambda r: r["calibrate"].update(checkpoint_every=0),
+     r"calibrate.checkpoint_every: expected a value in \[1, inf\), got 0"),
     (lambda r: r["evaluate"].update(threads=0), r"evaluate.threads: expected a value in \[1, inf\)"),
     (lambda r: r["calibrate"].update(lr=-0.1), r"calibrate.lr: expected a value in \(0, inf\)"),
     (lambda r: r["teachers"].update(lr=float("nan")), r"teachers.lr: expected a value in \(0, inf\), got nan"),
@@ -84,6 +86,19 @@ def test_tracking_credentials_come_from_the_environment_and_are_never_shown(monk
     assert params.tracking.tracking_uri(tmp_path) == "https://ann:s3cret@mlflow.example.com:5000/path"
     assert redacted(params.tracking.tracking_uri(tmp_path)) == "https://ann:***@mlflow.example.com:5000/path"
     assert redacted("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
+
+
+def test_connecting_leaves_the_environment_to_the_user(monkeypatch, tmp_path):
+    """mlflow exports the URI it is given; a stage or test run after it, for another root, must not
+    find it there and log into the wrong store."""
+    from zipper.tracking import connect
+
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):
+        monkeypatch.delenv(name, raising=False)
+    params = load_params(TINY)
+    connect(params.tracking, tmp_path / "a")
+    assert "MLFLOW_TRACKING_URI" not in os.environ and "MLFLOW_REGISTRY_URI" not in os.environ
+    assert params.tracking.tracking_uri(tmp_path / "b") == f"sqlite:///{(tmp_path / 'b').resolve() / 'mlflow.db'}"
 
 
 def test_overrides_apply_dotted_keys():

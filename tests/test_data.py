@@ -13,8 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from zipper.data import MEAN, STD, read_manifest, train_batches, val_batches, write_shards
-from zipper.data import synthetic
+from zipper.data import MEAN, STD, read_manifest, synthetic, train_batches, val_batches, write_shards
 from zipper.data.shards import iter_samples
 
 SMALL = {"source": "synthetic", "name": "shapes", "n_train": 40, "n_val": 20, "seed": 3}

@@ -18,8 +18,7 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from zipper.data import iter_samples, read_manifest, train_batches, val_batches, write_shards
-from zipper.data import synthetic
+from zipper.data import iter_samples, read_manifest, synthetic, train_batches, val_batches, write_shards
 from zipper.data.shards import EpochStream, epoch_stream, shard_urls
 from zipper.teachers import train_teacher
 
@@ -276,4 +275,5 @@ def test_epoch_stream_refuses_bad_settings(served):
     with pytest.raises(ValueError, match="no shards"):
         EpochStream([], key_epoch, list, seed=0, batch_size=4)
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
-        epoch_stream([str(served / "shapes" / "train-000000.tar")], key_epoch, list, seed=0, batch_size=4, num_workers=-1)
+        epoch_stream([str(served / "shapes" / "train-000000.tar")], key_epoch, list, seed=0, batch_size=4,
+                     num_workers=-1)

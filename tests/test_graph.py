@@ -6,11 +6,11 @@ from pathlib import Path
 
 import pytest
 
-from zipper.flows import cache
 from zipper import graph
 from zipper.cli import main
 from zipper.config import load_params
 from zipper.dvc_yaml import render
+from zipper.flows import cache
 from zipper.graph import STAGES, Layout, stage_io, stage_of
 
 REPO = Path(__file__).resolve().parents[1]

@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
+from PIL import Image
+
+import zipper
+from zipper.data.shards import normalise
+from zipper.data.sources import resize_center
 
 from .conftest import cli_env, digests, git, run_ok, stages_ran
 
@@ -52,7 +58,7 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     assert sorted(int(v.tags["depth"]) for v in versions) == DEPTHS
 
 
-def test_promote_and_load_the_champion_with_pyfunc(project):
+def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     import mlflow
 
     out = run_ok(project, "zipper", "promote", "--depth", "2")
@@ -61,6 +67,8 @@ def test_promote_and_load_the_champion_with_pyfunc(project):
                          text=True)
     assert bad.returncode == 2 and "no depth meets --max-drop -1000" in bad.stderr
     summary = json.loads((project / "reports/mlflow.json").read_text())
+    for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow exports them: gone after the test
+        monkeypatch.setenv(name, summary["tracking_uri"])
     mlflow.set_tracking_uri(summary["tracking_uri"])
     mlflow.set_registry_uri(summary["tracking_uri"])  # other tests in this process may have set another
     model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
@@ -70,6 +78,17 @@ def test_promote_and_load_the_champion_with_pyfunc(project):
                for t in ("shapes", "textures")}
     assert list(pred.columns) == ["shapes", "textures"] and len(pred) == 5
     assert all(c in classes[t] for t in pred.columns for c in pred[t])
+    assert model.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
+    # Any image size, preprocessed as the validation stream does (shorter side, centre crop), and probabilities.
+    wide = np.random.default_rng(1).integers(0, 256, (3, 40, 64, 3), dtype=np.uint8)
+    probs = model.predict(wide, params={"output": "probabilities"})
+    net = zipper.load(project / "models/zip/depth_2.pt").eval()
+    crops = np.stack([np.asarray(resize_center(Image.fromarray(img), 16)) for img in wide])
+    with torch.no_grad():
+        expected = net(normalise(crops))
+    for t in ("shapes", "textures"):
+        got = np.stack(probs[t].to_list())
+        assert got.shape == (3, len(classes[t])) and np.allclose(got, expected[t].softmax(1).numpy(), atol=1e-6)
 
 
 def test_second_repro_runs_nothing(project):

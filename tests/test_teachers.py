@@ -45,7 +45,8 @@ def test_train_save_load_roundtrip(shard_dir, tmp_path):
 
 
 def test_a_diverging_teacher_stops_with_the_setting_to_change(shard_dir):
-    with pytest.raises(DivergedError, match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"):
+    with pytest.raises(DivergedError,
+                       match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"):
         train_teacher(shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=30, batch_size=8, lr=1e6, seed=0)
 
 
@@ -121,7 +122,8 @@ def test_teachers_side_by_side_equal_one_after_the_other(tmp_path):
     assert "data: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
     log = zipper("teachers", "--threads", "2")
     assert "teachers: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
-    side_by_side = {t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True) for t in ("shapes", "textures")}
+    side_by_side = {t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True)
+                    for t in ("shapes", "textures")}
     log = zipper("teachers", "--threads", "1")
     assert "side by side" not in log
     for task, first in side_by_side.items():

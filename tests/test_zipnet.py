@@ -145,7 +145,8 @@ def test_forward_per_task_runs_the_trunk_once_on_the_task_mix(tiny_teachers, sco
     """Same outputs as each task alone (eval); in training the trunk's BN normalises the mixed batch."""
     net = zipper.zip_models(tiny_teachers, 4, scope=scope).eval()
     g = torch.Generator().manual_seed(0)
-    inputs = {t: torch.randn(n, 3, TINY["input_size"], TINY["input_size"], generator=g) for t, n in zip(tiny_teachers, (3, 5))}
+    inputs = {t: torch.randn(n, 3, TINY["input_size"], TINY["input_size"], generator=g)
+              for t, n in zip(tiny_teachers, (3, 5))}
     logits, taps = net.forward_per_task(inputs)
     for t, x in inputs.items():
         ref_logits, ref_taps = net.forward_intermediates(x, [t])

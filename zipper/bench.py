@@ -3,7 +3,7 @@
 MobileNetV1-1.0 at 224 px, two teachers with 1000 and 50 classes, zipped at depths 0..13 under
 both scopes. Random weights (sizes and speed do not depend on training), with BN statistics
 estimated on random images so activations keep a trained network's scale (see `trained_like_bn`).
-Every number comes from `zipper.evaluate.profile`, the function the pipeline's evaluate stage calls.
+Every number comes from `zipper.profiling.profile`, the function the pipeline's evaluate stage calls.
 """
 from __future__ import annotations
 
@@ -17,11 +17,12 @@ from typing import Any, Iterable, Sequence, TextIO
 import torch
 from tqdm import tqdm
 
-from .evaluate import describe_zipper, memory_ratio, profile, teacher_stats
 from .io import write_json
+from .memory import describe_zipper
 from .merge import zip_models
 from .merge.bn import reset_bn_stats
 from .models import build_model
+from .profiling import memory_ratio, profile, teacher_stats
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,8 @@ def table1(repeats: int = 20, json_path: str | None = None, threads: int | None 
     """Profile the zipped teachers at every depth and scope; print the table, optionally write JSON rows.
 
     Batch 1 by default: one image through both tasks, the deployment case (the paper does not
-    state its batch). `threads=None` means `DEFAULT_THREADS`. Timing runs first, one configuration at a time; the memory probes (one fresh
+    state its batch). `threads=None` means `DEFAULT_THREADS`.
+    Timing runs first, one configuration at a time; the memory probes (one fresh
     process each, not timing-sensitive) run afterwards, `memory_workers` at a time. The keyword
     arguments after `scopes` exist for quick runs (tests); the paper columns are filled only for
     the paper's setup.
@@ -159,8 +161,9 @@ def format_table1(rows: Sequence[dict[str, Any]], *, threads: int, batch: int, r
 
 
 def check_table1(rows: Sequence[dict[str, Any]], speedup: str = "speedup") -> list[str]:
-    """The issue's acceptance checks as printable lines, judged on the `speedup` column (wall clock;
-    "speedup_cpu" for CPU time). Checks that need the paper's columns are left out without them."""
+    """Table 1's checks as printable lines (the conv-weight column equals the paper's, the speedup grows
+    with depth), judged on the `speedup` column (wall clock; "speedup_cpu" for CPU time). Checks that
+    need the paper's columns are left out without them."""
     lines: list[str] = []
     point = {r["depth"]: r for r in rows if r["scope"] == "pointwise" and r["paper_comp"] is not None}
     block = sorted((r for r in rows if r["scope"] == "block" and r.get(speedup) is not None), key=lambda r: r["depth"])

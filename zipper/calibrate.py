@@ -66,7 +66,8 @@ def teacher_targets(teacher: nn.Module, batch: tuple, runtime: Runtime = CPU
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(x, y, teacher logits, teacher taps) on the runtime's device: from the cache when the batch
     carries them, else from the teacher's forward (online)."""
-    if len(batch) == 4:  # cached: the taps keep their layout (converting them to channels_last costs more than it saves)
+    # cached: the taps keep their layout (converting them to channels_last costs more than it saves)
+    if len(batch) == 4:
         x, y, logits, taps = batch
         return runtime.tensor(x), runtime.tensor(y), runtime.tensor(logits), \
             {k: v.to(runtime.device, non_blocking=True) for k, v in taps.items()}
@@ -104,7 +105,8 @@ def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: 
 
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                              nesterov=cfg.momentum > 0)
     else:
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -134,7 +136,8 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
     (by the main process) and picked up by a rerun whose config, net and `resume_key` (what else
     determines the result: start checkpoint, teachers, targets) match; the rerun fast-forwards
     the streams and restores the RNG, so it ends where an uninterrupted run ends. A non-finite
-    or exploded loss (`zipper.guard`) stops with an error and leaves that last good checkpoint in place. Under torch.distributed
+    or exploded loss (`zipper.guard`) stops with an error and leaves that last good checkpoint in place.
+    Under torch.distributed
     each process holds its rows of every global batch (`zipper.parallel`). `on_step(step, net)`
     runs after every optimizer step (evaluation, early stopping).
     """

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 from .graph import DATA_PARALLEL_STAGES, TABLE, Layout
+from .locks import RootLocked
 
 
 def _overrides(args: argparse.Namespace) -> dict:
@@ -196,7 +197,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("promote", parents=[common], help="put alias 'champion' on the chosen depth")
     choice = p.add_mutually_exclusive_group(required=True)
-    choice.add_argument("--max-drop", type=float, metavar="PCT", help="deepest depth whose worst per-task drop <= PCT points")
+    choice.add_argument("--max-drop", type=float, metavar="PCT",
+                        help="deepest depth whose worst per-task drop <= PCT points")
     choice.add_argument("--depth", type=int, metavar="K")
     p.set_defaults(func=_promote)
 
@@ -235,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = argv
     try:
         return args.func(args) or 0
-    except (ValueError, KeyError, FileNotFoundError, FloatingPointError) as e:
+    except (ValueError, KeyError, FileNotFoundError, FloatingPointError, RootLocked) as e:
         print(f"zipper: error: {e}", file=sys.stderr)
         return 2
 

@@ -133,7 +133,8 @@ class Params:
             _check_range(key, _get_dotted(self, key), interval)
         unknown = sorted(set(self.teachers.checkpoints) - set(self.data.tasks))
         if unknown:
-            raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task (tasks: {', '.join(self.data.tasks)})")
+            raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task "
+                             f"(tasks: {', '.join(self.data.tasks)})")
         self._check_chain_fits()
 
     def _check_chain_fits(self) -> None:
@@ -168,7 +169,8 @@ RANGES: dict[str, str] = {
     "calibrate.steps": "[0, inf)", "calibrate.batch_size": "[1, inf)", "calibrate.lr": "(0, inf)",
     "calibrate.momentum": "[0, 1)", "calibrate.weight_decay": "[0, inf)", "calibrate.warmup_steps": "[0, inf)",
     "calibrate.distill_weight": "[0, inf)", "calibrate.kd_weight": "[0, inf)", "calibrate.kd_temperature": "(0, inf)",
-    "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)", "calibrate.checkpoint_every": "[1, inf)",
+    "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)",
+    "calibrate.checkpoint_every": "[1, inf)",
     "evaluate.batch_size": "[1, inf)", "evaluate.latency_repeats": "[1, inf)", "evaluate.threads": "[1, inf)",
     "runtime.num_workers": "[0, inf)", "runtime.threads": "[0, inf)", "runtime.nproc_per_node": "[1, inf)",
 }

@@ -112,6 +112,7 @@ class Stage:
 _DATA = ("data", "models")
 _NETS = (*_DATA, "merge", "teachers.py", "evaluate.py", "parallel.py", "guard.py")  # train, load and evaluate nets
 _ZIP = (*_NETS, "calibrate.py")
+_MEASURE = (*_NETS, "profiling.py", "memory.py")
 _EVALUATE_PARAMS = ("evaluate", "teachers.input_size", "tasks")
 
 STAGES: tuple[Stage, ...] = (
@@ -127,11 +128,11 @@ STAGES: tuple[Stage, ...] = (
           params=("zipper.scope", "zipper.init", "zipper.align_batches", "calibrate", "teachers.input_size",
                   "teachers.augment", "features.enabled", "tasks"), code=_ZIP),
     Stage("evaluate0", "evaluate", "once", depth=0, reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS),
-          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_NETS),
+          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_MEASURE),
     # Deeper depths read the teachers' side (size, latency, memory), measured once at depth 0.
     Stage("evaluate", "evaluate", "depth", reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS,
                                                   METRICS.format(depth=0)),
-          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_NETS),
+          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_MEASURE),
     Stage("report", "report", "once", reads=(METRICS,), writes=REPORT_FILES, params=("tasks",), code=("report.py",)),
     Stage("register", "register", "once", reads=(*REPORT_FILES, ZIPPED, CURVES, METRICS, f"{SHARDS}/manifest.json"),
           writes=(MLFLOW_RUNS,), params=("*",), code=("tracking.py", "mlflow_model.py", "data", "models", "merge")),

@@ -1,8 +1,10 @@
 """The ZipperNet pyfunc flavour, logged as MLflow "models from code" (nothing pickled).
 
-`mlflow.pyfunc.load_model("models:/<name>@champion").predict(images)` takes a uint8 array of
-RGB images (N, H, W, 3) or normalised float (N, 3, H, W) and returns one column per task with
-the predicted class name.
+`mlflow.pyfunc.load_model("models:/<name>@champion").predict(images)` takes a uint8 array of RGB
+images (N, H, W, 3) of any size, preprocessed exactly as in training and evaluation (shorter side
+resized to the input size, centre crop, ImageNet mean / std), and returns one column per task: the
+predicted class name, or with `params={"output": "probabilities"}` the per-class probabilities (a list
+per row, in the order of the task's classes).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
+
+OUTPUTS = ("labels", "probabilities")
 
 
 class ZipperPyfunc(mlflow.pyfunc.PythonModel):
@@ -23,20 +26,28 @@ class ZipperPyfunc(mlflow.pyfunc.PythonModel):
         self.classes = json.loads(open(context.artifacts["classes"]).read())
 
     def predict(self, context, model_input, params=None):
-        from zipper.data import MEAN, STD
-
-        x = np.asarray(model_input)
-        if x.dtype == np.uint8:  # (N, H, W, 3) RGB images
-            x = (torch.from_numpy(x).permute(0, 3, 1, 2).float() / 255 - torch.tensor(MEAN).view(1, 3, 1, 1)) \
-                / torch.tensor(STD).view(1, 3, 1, 1)
-        else:
-            x = torch.as_tensor(x, dtype=torch.float32)
-        size = self.net.spec.input_size
-        if x.shape[-1] != size:
-            x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        output = (params or {}).get("output", "labels")
+        if output not in OUTPUTS:
+            raise ValueError(f"params output: expected one of {OUTPUTS}, got {output!r}")
         with torch.no_grad():
-            logits = self.net(x)
+            logits = self.net(preprocess(np.asarray(model_input), self.net.spec.input_size))
+        if output == "probabilities":
+            return pd.DataFrame({t: list(v.softmax(1).numpy()) for t, v in logits.items()})
         return pd.DataFrame({t: [self.classes[t][i] for i in v.argmax(1).tolist()] for t, v in logits.items()})
+
+
+def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
+    """uint8 (N, H, W, 3) RGB -> the normalised (N, 3, size, size) batch the validation stream makes."""
+    from PIL import Image
+
+    from zipper.data.shards import normalise
+    from zipper.data.sources import resize_center
+
+    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
+    if images.shape[1:3] != (size, size):
+        images = np.stack([np.asarray(resize_center(Image.fromarray(img), size)) for img in images])
+    return normalise(images)
 
 
 mlflow.models.set_model(ZipperPyfunc())

@@ -65,7 +65,8 @@ def plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], out_dir: Path) ->
     right.plot(depths, [r["speedup"] for r in flat], color="black", ls="--", marker="s", label="speedup")
     right.set_ylabel("speedup (x)")
     handles = ax.get_legend_handles_labels()[0] + right.get_legend_handles_labels()[0]
-    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)  # below: never on a point
+    # below: never on a point
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)
     paths = [_save(fig, out_dir / "accuracy.png")]
 
     fig, ax = plt.subplots(figsize=(7, 4))

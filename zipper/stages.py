@@ -52,7 +52,8 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
             acc = accuracy(runtime.module(model), val_batches(layout.shards(task), input_size=cfg.input_size,
                                                                batch_size=256, world_size=1), runtime)
             model.cpu()
-            origin = {"imported_from": str(cfg.checkpoints[task]), "imported_sha256": sha256_file(cfg.checkpoints[task])}
+            origin = {"imported_from": str(cfg.checkpoints[task]),
+                      "imported_sha256": sha256_file(cfg.checkpoints[task])}
         else:
             with locks.training(layout.root):
                 model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width,
@@ -196,8 +197,10 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
     from .data import val_batches
-    from .evaluate import evaluate_zipper, profile, start_memory_probes, teacher_stats, throughput
+    from .evaluate import evaluate_zipper
+    from .memory import start_memory_probes
     from .merge import load as load_zipper
+    from .profiling import profile, teacher_stats, throughput
 
     cfg = params.evaluate
     if cfg.memory:

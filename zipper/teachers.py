@@ -50,7 +50,8 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     Returns the model (eval mode, on the CPU) and its top-1 accuracy on the val split.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError(f"teacher training needs steps >= 1, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})")
+        raise ValueError("teacher training needs steps >= 1, batch_size >= 1, lr > 0 "
+                         f"(got {steps}, {batch_size}, {lr})")
     manifest = read_manifest(shard_dir)
     torch.manual_seed(seed)
     model = runtime.module(build_model(arch, len(manifest["classes"]), width=width, input_size=input_size))
@@ -67,6 +68,7 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"teacher {manifest['task']}", unit="step", mininterval=5,
                disable=None if runtime.is_main else True)
+    first = math.nan  # the first step's loss: the divergence check's reference
     with data_parallel(model, runtime) as forward:
         for step in bar:
             for group in opt.param_groups:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import os
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -20,6 +21,7 @@ log = logging.getLogger(__name__)
 
 ALIAS = "champion"
 ROOT_TAG = "zipper.root"  # on a pipeline's parent run: the project root it logged
+URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # a user's choice of store, never ours
 VERSION_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from a model version
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
@@ -40,14 +42,28 @@ def connect(cfg: TrackingConfig, root: Path, *, set_experiment: bool = False):
 
     uri = cfg.tracking_uri(root)
     with _store_lock(uri):  # the first use creates or migrates a sqlite store: one process at a time
-        mlflow.set_tracking_uri(uri)
-        mlflow.set_registry_uri(uri)
+        with _environment_kept(URI_VARIABLES):  # mlflow exports the URIs; no child may inherit this root's
+            mlflow.set_tracking_uri(uri)
+            mlflow.set_registry_uri(uri)
         client = mlflow.MlflowClient()
         client.search_experiments(max_results=1)
         client.search_registered_models(max_results=1)  # the registry's store: the same file, another engine
         if set_experiment:  # created by the first of two concurrent pipelines, found by the second
             mlflow.set_experiment(cfg.experiment)
     return client
+
+
+@contextmanager
+def _environment_kept(names: Sequence[str]) -> Iterator[None]:
+    saved = {name: os.environ.get(name) for name in names}
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 @contextmanager
@@ -98,6 +114,7 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                 mlflow.log_artifact(str(path), artifact_path="report")
         classes_path = Path(tmp) / "classes.json"
         classes_path.write_text(json.dumps(classes))
+        signature, example = _signature(params.tasks), _input_example(params.teachers.input_size)
         for row in rows:
             depth = row["depth"]
             with mlflow.start_run(run_name=f"depth {depth}", nested=True) as run:
@@ -113,7 +130,8 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                 info = mlflow.pyfunc.log_model(
                     name="model", python_model=str(MODEL_CODE), registered_model_name=name,
                     artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes_path)},
-                    pip_requirements=["torch", "torchvision", "numpy", "pandas"])
+                    pip_requirements=["torch", "torchvision", "numpy", "pandas", "pillow"],
+                    signature=signature, input_example=example)
                 version = str(info.registered_model_version)
                 tags = {"depth": depth, "scope": row["scope"], "init": row["init"],
                         "max_drop_pp": f"{row['max_drop_pp']:.4f}", "pipeline_run": parent.info.run_id,
@@ -125,6 +143,24 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     return summary
 
 
+def _signature(tasks: Sequence[str]):
+    """uint8 RGB images (N, H, W, 3) of any size in; one column per task out (its class names, or with
+    params output=probabilities the per-class probabilities)."""
+    import numpy as np
+    from mlflow.models import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+                          outputs=Schema([ColSpec("string", t) for t in tasks]),
+                          params=ParamSchema([ParamSpec("output", "string", "labels")]))
+
+
+def _input_example(size: int):
+    import numpy as np
+
+    return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
+
+
 def _fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
     """A pipeline run of this root still RUNNING was killed mid-register (the root lock rules out a live
     one): mark it and its depth runs FAILED, so that neither the UI nor `promote` takes it for a result."""
@@ -132,7 +168,8 @@ def _fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
 
     running = "attributes.status = 'RUNNING'"
     for parent in client.search_runs([experiment_id], f"tags.`{ROOT_TAG}` = '{root}' and {running}"):
-        children = client.search_runs([experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}")
+        children = client.search_runs([experiment_id],
+                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}")
         for run in [*children, parent]:
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         log.warning("MLflow run %s (a pipeline run of %s) was interrupted; marked FAILED", parent.info.run_id, root)
@@ -146,7 +183,8 @@ def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
     return m
 
 
-def promote(params: Params, root: str | Path, *, max_drop: float | None = None, depth: int | None = None) -> dict[str, Any]:
+def promote(params: Params, root: str | Path, *, max_drop: float | None = None,
+            depth: int | None = None) -> dict[str, Any]:
     """Put alias `champion` on the chosen depth of the latest pipeline run's versions.
 
     `max_drop` (percentage points): the deepest depth whose worst per-task drop is within budget.
@@ -157,14 +195,17 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None, 
     name = params.tracking.registered_model
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
-        raise ValueError(f"registered model {name!r} has no versions at {redacted(params.tracking.tracking_uri(root))}; "
+        raise ValueError(f"registered model {name!r} has no versions at "
+                         f"{redacted(params.tracking.tracking_uri(root))}; "
                          "run the pipeline (register stage) first")
     latest = _latest_complete_pipeline_run(client, versions)
-    candidates = sorted((v for v in versions if v.tags.get("pipeline_run") == latest), key=lambda v: int(v.tags["depth"]))
+    candidates = sorted((v for v in versions if v.tags.get("pipeline_run") == latest),
+                        key=lambda v: int(v.tags["depth"]))
     if depth is not None:
         chosen = [v for v in candidates if int(v.tags["depth"]) == depth]
         if not chosen:
-            raise ValueError(f"no version of {name!r} with depth {depth}; depths: {[int(v.tags['depth']) for v in candidates]}")
+            raise ValueError(f"no version of {name!r} with depth {depth}; "
+                             f"depths: {[int(v.tags['depth']) for v in candidates]}")
     else:
         chosen = [v for v in candidates if float(v.tags["max_drop_pp"]) <= max_drop]
         if not chosen:

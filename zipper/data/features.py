@@ -34,8 +34,21 @@ from tqdm.auto import tqdm
 from ..io import sha256_file, write_json
 from ..models import Backbone
 from ..runtime import CPU, Runtime
-from .shards import (MANIFEST, SHUFFLE_BUFFER, Prepare, ShardSink, _check_file, _named_path, atomic_dir, epoch_stream,
-                     iter_samples, load_manifest, normalise, read_manifest, split_info)
+from .shards import (
+    MANIFEST,
+    SHUFFLE_BUFFER,
+    Prepare,
+    ShardSink,
+    _check_file,
+    _named_path,
+    atomic_dir,
+    epoch_stream,
+    iter_samples,
+    load_manifest,
+    normalise,
+    read_manifest,
+    split_info,
+)
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +103,8 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
     store per sample its image, label, logits and every pointwise tap (fp16) under `out_dir`.
 
     Prints the size first and raises `OverBudget` (a ValueError) when it exceeds `budget_mb`
-    (setting `features.budget_mb`). The teacher runs on `runtime`'s device. Atomic like the shards. Returns the cache manifest path.
+    (setting `features.budget_mb`). The teacher runs on `runtime`'s device. Atomic like the shards.
+    Returns the cache manifest path.
     """
     shard_dir, out_dir = Path(shard_dir), Path(out_dir)
     m = read_manifest(shard_dir)
@@ -114,7 +128,8 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
         print(msg, flush=True)
         log.info(msg)
         if total_mb > budget_mb:
-            raise OverBudget(f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, over the budget of {budget_mb:g} MiB; "
+            raise OverBudget(f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, "
+                             f"over the budget of {budget_mb:g} MiB; "
                              f"raise {BUDGET_SETTING} (or calibrate with online teacher targets)")
         with atomic_dir(out_dir, (FORMAT,)) as tmp:
             sink = ShardSink(tmp, split, maxcount)
@@ -207,7 +222,8 @@ class _Collate:
     def __init__(self, taps: list[str], shapes: Mapping[str, list[int]], offsets: list[int]) -> None:
         self.layout = [(t, off, list(shapes[t])) for t, off in zip(taps, offsets)]
 
-    def __call__(self, samples: list[tuple]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(self, samples: list[tuple]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         imgs, labels, logits, flat = zip(*samples)
         n = len(samples)
         taps = torch.from_numpy(np.stack(flat)).float()  # (N, sum of C*H*W)
@@ -234,9 +250,11 @@ def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, 
     """
     m = read_cache_manifest(cache_dir)
     if m["input_size"] != input_size:
-        raise ValueError(f"{Path(cache_dir) / MANIFEST}: cache made at input_size {m['input_size']}, asked for {input_size}")
+        raise ValueError(f"{Path(cache_dir) / MANIFEST}: cache made at input_size {m['input_size']}, "
+                         f"asked for {input_size}")
     urls = [str(_named_path(Path(cache_dir), s)) for s in m["shards"]]
-    # The shuffle buffers (one per worker) hold raw samples (image + every tap): bound their memory, not just their length.
+    # The shuffle buffers (one per worker) hold raw samples (image + every tap): bound their memory,
+    # not just their length.
     per_sample = m["total_bytes"] / m["count"]
     buffer = int(min(SHUFFLE_BUFFER, max(64, SHUFFLE_MEMORY / max(1, num_workers) / per_sample)))
     return epoch_stream(urls, _Decode(input_size), _Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]), seed=seed,

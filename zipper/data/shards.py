@@ -59,7 +59,7 @@ from tqdm.auto import tqdm
 from webdataset.gopen import gopen
 
 from ..io import sha256_file, write_json
-from .sources import BadSample, SPLITS, check_image_size, load_source, resize_center, resolve
+from .sources import SPLITS, BadSample, check_image_size, load_source, resize_center, resolve
 
 log = logging.getLogger(__name__)
 
@@ -192,7 +192,8 @@ def write_shards(source: Mapping[str, Any], task: str, out_dir: str | os.PathLik
         manifest = {"format": FORMAT, "task": task, "classes": data.classes, "hflip": data.hflip,
                     "source": _jsonable(data.info), "splits": splits}
         write_json(tmp / MANIFEST, manifest)
-    log.info("%s: wrote %s", task, ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in splits.items()))
+    log.info("%s: wrote %s", task,
+             ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in splits.items()))
     return out_dir / MANIFEST
 
 
@@ -255,7 +256,8 @@ def write_url_manifest(source: Mapping[str, Any], task: str, out_dir: str | os.P
     with atomic_dir(out_dir, (FORMAT,)) as tmp:
         write_json(tmp / MANIFEST, {"format": FORMAT, "task": task, "classes": classes, "hflip": cfg["hflip"],
                                     "source": _jsonable(cfg), "splits": splits})
-    log.info("%s: %s", task, ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards at URLs" for s, v in splits.items()))
+    log.info("%s: %s", task,
+             ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards at URLs" for s, v in splits.items()))
     return out_dir / MANIFEST
 
 
@@ -264,7 +266,8 @@ def expand_urls(spec: str | Sequence[str], key: str) -> list[str]:
     (`train-{000000..000003}.tar`); local paths are made absolute."""
     patterns = [spec] if isinstance(spec, str) else spec
     if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"data source 'webdataset': key {key!r} must be a shard URL pattern or a list of them, got {spec!r}")
+        raise ValueError(f"data source 'webdataset': key {key!r} must be a shard URL pattern or a list of them, "
+                         f"got {spec!r}")
     return [_absolute(url) for p in patterns for url in wds.shardlists.expand_urls(p)]
 
 
@@ -283,7 +286,8 @@ def load_classes(spec: Any) -> list[str]:
                 raise ValueError(f"data source 'webdataset': {where}: not valid JSON ({e})") from e
         else:
             spec = [line.strip() for line in text.splitlines() if line.strip()]
-    if not isinstance(spec, list) or not spec or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in spec):
+    if (not isinstance(spec, list) or not spec
+            or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in spec)):
         raise ValueError(f"data source 'webdataset': {where}: expected a non-empty list of class names, got {spec!r}")
     names = [str(c) for c in spec]  # YAML reads `classes: [0, 1]` as ints
     dup = next((c for c in names if names.count(c) > 1), None)
@@ -295,7 +299,8 @@ def load_classes(spec: Any) -> list[str]:
 def _scan_split(cfg: Mapping[str, Any], split: str, classes: list[str], task: str) -> dict[str, Any]:
     counts = [0] * len(classes)
     shards = []
-    for url in tqdm(expand_urls(cfg[split], split), desc=f"scan {task}/{split}", unit="shard", leave=False, mininterval=2):
+    for url in tqdm(expand_urls(cfg[split], split), desc=f"scan {task}/{split}", unit="shard", leave=False,
+                    mininterval=2):
         entry, labels = _scan_shard(url, len(classes))
         shards.append(entry)
         for label in labels:
@@ -459,7 +464,8 @@ def _canonical(sample: dict[str, Any], url: str, num_classes: int | None) -> dic
     try:
         index = int(sample[label])
     except ValueError:
-        raise ValueError(f"shard {url}: sample {key!r}: {label} {sample[label][:20]!r} is not an integer class index") from None
+        raise ValueError(f"shard {url}: sample {key!r}: {label} {sample[label][:20]!r} "
+                         "is not an integer class index") from None
     if num_classes is not None and not 0 <= index < num_classes:
         raise ValueError(f"shard {url}: sample {key!r} has class index {index}, outside the {num_classes} classes")
     sample["png"] = sample.pop(image)
@@ -496,7 +502,8 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> dict[
     """
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
-    m = load_manifest(path, FORMAT, ("task", "classes", "splits"), missing="manifest not found (write the shards first)")
+    m = load_manifest(path, FORMAT, ("task", "classes", "splits"),
+                      missing="manifest not found (write the shards first)")
     for split, info in m["splits"].items():
         for key in ("count", "counts", "shards", "classes"):
             if key not in info:
@@ -554,7 +561,8 @@ def split_info(manifest: Mapping[str, Any], split: str) -> Mapping[str, Any]:
 
 def shard_urls(shard_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str) -> list[str]:
     """Where each shard of `split` is read from: its `url`, or its `name` inside `shard_dir`."""
-    return [s["url"] if "url" in s else str(_named_path(Path(shard_dir), s)) for s in split_info(manifest, split)["shards"]]
+    return [s["url"] if "url" in s else str(_named_path(Path(shard_dir), s))
+            for s in split_info(manifest, split)["shards"]]
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -637,7 +645,8 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _loader(dataset: torch.utils.data.IterableDataset, *, num_workers: int, pin_memory: bool, seed: int = 0) -> Iterable:
+def _loader(dataset: torch.utils.data.IterableDataset, *, num_workers: int, pin_memory: bool,
+            seed: int = 0) -> Iterable:
     """`dataset` itself, or a DataLoader running it in `num_workers` processes and / or pinning its
     batches (only where CUDA is available: pinning is useless without it, and torch warns)."""
     if num_workers < 0:
@@ -685,7 +694,8 @@ class EpochStream(torch.utils.data.IterableDataset):
     [rank * b, (rank + 1) * b), b = batch_size // world_size, and only then `decode`s them.
     """
 
-    def __init__(self, urls: Sequence[str], decode: Callable[[dict[str, Any]], Any], collation_fn: Callable[[list], Any],
+    def __init__(self, urls: Sequence[str], decode: Callable[[dict[str, Any]], Any],
+                 collation_fn: Callable[[list], Any],
                  *, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
                  shuffle_buffer: int = SHUFFLE_BUFFER, num_classes: int | None = None) -> None:
         super().__init__()
@@ -803,7 +813,8 @@ class ValBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # No explicit world_size: the ranks of torch.distributed (or RANK / WORLD_SIZE), as WebDataset does.
-        rank, world = (self.rank or 0, self.world_size) if self.world_size is not None else wds.utils.pytorch_worker_info()[:2]
+        rank, world = ((self.rank or 0, self.world_size) if self.world_size is not None
+                       else wds.utils.pytorch_worker_info()[:2])
         shards = [(u, c) for u, c in zip(self.urls, self.caps) if c > 0][rank::world]
         dataset = _ShardBatches(shards, Prepare(self.input_size), self.batch_size, len(self.classes))
         return iter(_loader(dataset, num_workers=min(self.num_workers, len(shards)), pin_memory=self.pin_memory))
@@ -822,7 +833,8 @@ def val_batches(shard_dir: str | os.PathLike, *, input_size: int, batch_size: in
                       num_workers=num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
 
 
-def iter_samples(shard_dir: str | os.PathLike, split: str, *, manifest: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(shard_dir: str | os.PathLike, split: str, *,
+                 manifest: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
     """Raw samples of one split in manifest order (local files or URLs), as `read_shard` gives them:
     `__key__`, `png` (image bytes, whatever their format), `cls` bytes, ..."""
     m = manifest if manifest is not None else read_manifest(shard_dir)

@@ -29,7 +29,8 @@ from . import synthetic
 
 SOURCES: tuple[str, ...] = ("synthetic", "digits", "imagefolder", "torchvision", "webdataset")
 SPLITS: tuple[str, ...] = ("train", "val")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"})
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
+                              ".pbm"})
 
 # Keys each source accepts: name -> default (REQUIRED = must be given).
 REQUIRED = object()
@@ -39,7 +40,8 @@ KEYS: dict[str, dict[str, Any]] = {
     "imagefolder": {"root": REQUIRED, "train": "train", "val": "val", "image_size": None, "seed": 0},
     "torchvision": {"dataset": REQUIRED, "root": REQUIRED, "download": False, "image_size": None,
                     "train_split": None, "val_split": None, "seed": 0},
-    "webdataset": {"train": REQUIRED, "val": REQUIRED, "classes": REQUIRED, "n_train": None, "n_val": None, "hflip": True},
+    "webdataset": {"train": REQUIRED, "val": REQUIRED, "classes": REQUIRED, "n_train": None, "n_val": None,
+                   "hflip": True},
 }
 
 
@@ -107,8 +109,10 @@ def load_source(source: Mapping[str, Any]) -> SourceData:
     """Open the source described by `source` (see the module docstring for the keys)."""
     cfg = resolve(source)
     if cfg["source"] == "webdataset":
-        raise ValueError("data source 'webdataset' is streamed from its URLs, not loaded: write its manifest with write_shards")
-    return {"synthetic": _synthetic, "digits": _digits, "imagefolder": _imagefolder, "torchvision": _torchvision}[cfg["source"]](cfg)
+        raise ValueError("data source 'webdataset' is streamed from its URLs, not loaded: "
+                         "write its manifest with write_shards")
+    return {"synthetic": _synthetic, "digits": _digits, "imagefolder": _imagefolder,
+            "torchvision": _torchvision}[cfg["source"]](cfg)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -141,13 +145,15 @@ def resize_center(img: Image.Image, size: int) -> Image.Image:
 # --- sources ---------------------------------------------------------------------------------------
 
 def _array_samples(images: np.ndarray, labels: np.ndarray, origin: str) -> list[Sample]:
-    return [Sample(lambda i=i: (Image.fromarray(images[i], "RGB"), int(labels[i])), f"{origin}[{i}]") for i in range(len(labels))]
+    return [Sample(lambda i=i: (Image.fromarray(images[i], "RGB"), int(labels[i])), f"{origin}[{i}]")
+            for i in range(len(labels))]
 
 
 def _synthetic(cfg: dict[str, Any]) -> SourceData:
     name = cfg["name"]
     if name not in synthetic.TASKS:
-        raise ValueError(f"data source 'synthetic': unknown name {name!r} (key 'name'); built-in: {', '.join(synthetic.TASKS)}")
+        raise ValueError(f"data source 'synthetic': unknown name {name!r} (key 'name'); "
+                         f"built-in: {', '.join(synthetic.TASKS)}")
     for key in ("n_train", "n_val"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"data source 'synthetic': key {key!r} must be a positive integer, got {cfg[key]!r}")
@@ -206,7 +212,8 @@ def _imagefolder(cfg: dict[str, Any]) -> SourceData:
             raise ValueError(f"data source 'imagefolder': missing split folder {str(d)!r} (key {split!r})")
         classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
-            raise ValueError(f"data source 'imagefolder': {str(d)!r} has no class folders (expected {d}/<class>/<image>)")
+            raise ValueError(f"data source 'imagefolder': {str(d)!r} has no class folders "
+                             f"(expected {d}/<class>/<image>)")
         found[split] = {}
         for c in classes:
             files = []
@@ -273,7 +280,8 @@ def _torchvision(cfg: dict[str, Any]) -> SourceData:
     def one(ds: Any, i: int) -> tuple[Image.Image, int]:
         img, label = ds[i]
         if not isinstance(img, Image.Image):
-            raise BadSample(f"{name}[{i}]: expected a PIL image (construct the dataset without transforms), got {type(img).__name__}")
+            raise BadSample(f"{name}[{i}]: expected a PIL image (construct the dataset without transforms), "
+                            f"got {type(img).__name__}")
         img = to_rgb(img)
         return (resize_center(img, size) if size else img), int(label)
 

@@ -130,7 +130,8 @@ def _shape_mask(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
             x, y = uu * 1.25, -vv * 1.25 + 0.25
             m = (x * x + y * y - 1) ** 3 - x * x * y ** 3 < 0
         elif name == "arrow":
-            m = ((uu > -0.9) & (uu < 0.15) & (np.abs(vv) < 0.17)) | ((uu >= 0.1) & (uu < 0.9) & (np.abs(vv) < (0.9 - uu) * 0.85))
+            m = (((uu > -0.9) & (uu < 0.15) & (np.abs(vv) < 0.17))
+                 | ((uu >= 0.1) & (uu < 0.9) & (np.abs(vv) < (0.9 - uu) * 0.85)))
         elif name == "bar":
             m = (np.abs(uu) < 0.95) & (np.abs(vv) < 0.26)
         else:  # pragma: no cover - SHAPES and this table are edited together
@@ -144,7 +145,8 @@ def _polygon(r: np.ndarray, th: np.ndarray, n: int, apothem: float) -> np.ndarra
     return r * np.cos(((th - np.pi / 2) % sector) - sector / 2) < apothem
 
 
-def _place(b: int, size: int, rng: np.random.Generator, radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _place(b: int, size: int, rng: np.random.Generator,
+           radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random local coordinates (u, v) of a shape (unit = its radius) and its radius in pixels."""
     x, y = _grid(b, size)
     rad = _u(rng, radius[0] * size, radius[1] * size, b)
@@ -161,7 +163,8 @@ def _place(b: int, size: int, rng: np.random.Generator, radius: tuple[float, flo
 def _pattern(kind: np.ndarray, b: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Pattern field in [0, 1] of TEXTURES[kind[i]], shape (B, S, S)."""
     x, y = _grid(b, size)
-    x, y = np.broadcast_to(x, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)), np.broadcast_to(y, (b, size * SUPERSAMPLE, size * SUPERSAMPLE))
+    x, y = (np.broadcast_to(x, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)),
+            np.broadcast_to(y, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)))
     period = _u(rng, 4.0, 9.0, b)
     phase = _u(rng, 0, 1, b)
     sharp = _u(rng, 1.5, 12.0, b)  # soft (sine) to hard (square wave) edges

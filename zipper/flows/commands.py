@@ -21,7 +21,6 @@ from prefect.logging import get_run_logger
 
 from zipper.locks import held_by_parent
 
-
 log = logging.getLogger(__name__)
 
 COMMAND_TAIL = 40  # lines of a failed stage command's output quoted in the task's error

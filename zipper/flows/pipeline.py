@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Any, Iterable, Mapping
 
 from prefect import flow, task
-from prefect.artifacts import (create_markdown_artifact, create_progress_artifact, create_table_artifact,
-                               update_progress_artifact)
+from prefect.artifacts import (
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 

@@ -27,5 +27,5 @@ def zip_models(teachers: Mapping[str, nn.Module], depth: int, *, scope: str = "b
     return deepen_aligned(side_by_side(teachers, scope), depth, init, batches=batches)
 
 
-__all__ = ["INITS", "SCOPES", "export_onnx", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned", "load",
-           "side_by_side", "zip_models"]
+__all__ = ["INITS", "SCOPES", "export_onnx", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned",
+           "load", "side_by_side", "zip_models"]

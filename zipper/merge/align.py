@@ -259,7 +259,7 @@ _THREADS = threading.Lock()
 
 @contextmanager
 def _one_thread() -> Iterator[None]:
-    """Small matrices: torch's thread pool costs far more than it saves (40x on a busy 2-core box).
+    """Small matrices: torch's thread pool costs far more than it saves.
     The lock keeps concurrent alignments from restoring each other's setting."""
     with _THREADS:
         n = torch.get_num_threads()

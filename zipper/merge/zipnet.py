@@ -219,7 +219,8 @@ def _check_tap_orders(net: ZipperNet, orders: Mapping, path: str | os.PathLike) 
             n = channels[tap]
             if not (isinstance(order, torch.Tensor) and order.dtype == torch.long
                     and torch.equal(order.sort().values, torch.arange(n))):
-                raise ValueError(f"{path}: tap_orders[{task!r}][{tap!r}] is not a permutation of the layer's {n} channels")
+                raise ValueError(f"{path}: tap_orders[{task!r}][{tap!r}] "
+                                 f"is not a permutation of the layer's {n} channels")
 
 
 def side_by_side(teachers: Mapping[str, Backbone], scope: str = "block") -> ZipperNet:

@@ -12,7 +12,8 @@ def _adapt(arch: str, net: nn.Module, num_classes: int, width: float, input_size
     # torchvision: features[0] is the stem conv, features[-1] the last 1x1 conv; in between the blocks.
     features = list(net.features)
     head = nn.Sequential(features[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.classifier)
-    return Backbone(arch, features[0], features[1:-1], head, num_classes=num_classes, width=width, input_size=input_size)
+    return Backbone(arch, features[0], features[1:-1], head, num_classes=num_classes, width=width,
+                    input_size=input_size)
 
 
 def _builder(arch: str) -> Callable[..., Backbone]:
