@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from zipper.data import MEAN, STD, read_manifest, synthetic, train_batches, val_batches, write_shards
-from zipper.data.shards import iter_samples
+from zipper.data.shards import iter_samples, normalise
+from zipper.data.sources import resize_center
 
 SMALL = {"source": "synthetic", "name": "shapes", "n_train": 40, "n_val": 20, "seed": 3}
 
@@ -209,6 +210,26 @@ def test_imagefolder_bad_image_errors_or_skips_and_keeps_previous(tmp_path):
     assert m["splits"]["train"]["skipped"]["count"] == 1
     assert m["splits"]["train"]["skipped"]["files"] == [str(bad)]
     assert m["splits"]["train"]["counts"] == {"cat": 3, "dog": 3}
+
+
+def test_the_data_stage_stores_a_users_images_at_the_input_size(tmp_path):
+    """As every stream would read them (shorter side, centre crop): decoded once, when sharding."""
+    from zipper.config import load_params
+    from zipper.graph import Layout
+    from zipper.stages import run_data
+
+    root = make_folder(tmp_path / "f")
+    wide = np.random.default_rng(1).integers(0, 256, (30, 50, 3), dtype=np.uint8)
+    save(root / "val" / "dog" / "wide.png", Image.fromarray(wide))
+    tiny = Path(__file__).parent / "fixtures" / "params.tiny.yaml"
+    params = load_params(tiny, {"data.tasks.shapes": {"source": "imagefolder", "root": str(root)}})
+    layout = Layout(tmp_path)
+    run_data(params, layout, ["shapes"])
+    stored = {s["__key__"]: Image.open(io.BytesIO(s["png"])) for s in iter_samples(layout.shards("shapes"), "val")}
+    assert {img.size for img in stored.values()} == {(16, 16)}  # teachers.input_size
+    val = next(iter(val_batches(layout.shards("shapes"), input_size=16, batch_size=64)))[0]
+    from_original = normalise(np.asarray(resize_center(Image.fromarray(wide), 16))[None])
+    assert any(torch.equal(x, from_original[0]) for x in val)  # the same pixels as resizing at read time
 
 
 def test_imagefolder_refuses_a_decompression_bomb_by_name(tmp_path):

@@ -55,7 +55,7 @@ def test_stage_runs_fill_the_layout(tmp_path):
     assert teacher.reads == (layout.shards("shapes"),) and teacher.writes == (layout.teacher("shapes"),)
     assert teacher.shared == ((layout.teacher_metrics, "shapes"),)
     data = stage_io(stage_of("data", "textures"), params, layout, "textures")
-    assert data.params == ("data.tasks.textures", "data.maxcount", "data.on_bad_sample")
+    assert data.params == ("data.tasks.textures", "data.maxcount", "data.on_bad_sample", "teachers.input_size")
     evaluate3 = stage_io(stage_of("evaluate", 3), params, layout, 3)
     assert layout.metrics(0) in evaluate3.reads and evaluate3.writes == (layout.metrics(3),)
     report = stage_io(stage_of("report"), params, layout)

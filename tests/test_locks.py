@@ -39,12 +39,12 @@ def test_the_lock_is_released_and_reusable_after_the_block(tmp_path):
         assert (tmp_path / locks.ROOT_LOCK).read_text().endswith(": second\n")
 
 
-def test_measuring_waits_for_the_trainings_to_end(tmp_path):
+def test_measuring_waits_for_the_computations_to_end(tmp_path):
     order: list[str] = []
     training_started, release = threading.Event(), threading.Event()
 
     def train() -> None:
-        with locks.training(tmp_path):
+        with locks.computing(tmp_path):
             training_started.set()
             release.wait(30)
             order.append("training done")
@@ -66,7 +66,7 @@ def test_measuring_waits_for_the_trainings_to_end(tmp_path):
     assert order == ["training done", "measured"]
 
 
-@pytest.mark.parametrize("mode", ["training", "measuring"])
+@pytest.mark.parametrize("mode", ["computing", "measuring"])
 def test_measure_locks_go_with_their_block(tmp_path, mode):
     with getattr(locks, mode)(tmp_path):
         pass

@@ -134,6 +134,9 @@ def _flow(args: argparse.Namespace) -> None:
 
     # The stages' own log lines in the Prefect UI, also for served runs (their processes inherit this).
     os.environ.setdefault("PREFECT_LOGGING_EXTRA_LOGGERS", "zipper")
+    # The temporary server's telemetry heartbeat races the flow for its new sqlite file at start-up and
+    # prints a "database is locked" traceback; a user who wants telemetry sets this to true.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     from .flows import pipeline
 
     overrides = _overrides(args)

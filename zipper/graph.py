@@ -117,7 +117,8 @@ _EVALUATE_PARAMS = ("evaluate", "teachers.input_size", "tasks")
 
 STAGES: tuple[Stage, ...] = (
     Stage("data", "data", "task", reads=(), writes=(SHARDS,),
-          params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample"), code=_DATA, imports="data.tasks"),
+          params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample", "teachers.input_size"), code=_DATA,
+          imports="data.tasks"),
     Stage("teachers", "teachers", "task", reads=(SHARDS,), writes=(TEACHER,), shared=(TEACHER_METRICS,),
           params=("teachers", "tasks"), code=_NETS, imports="teachers.checkpoints"),
     Stage("features", "features", "task", reads=(SHARDS, TEACHER), writes=(FEATURES,),

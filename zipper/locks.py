@@ -3,8 +3,9 @@
 - `root_lock`: one pipeline at a time per root. Every stage command and every flow run takes it; the
   processes they start (per-task stage processes, torchrun workers, a flow's stage commands) run under
   their parent's lock, which they learn from the environment.
-- `training` / `measuring`: latency and memory are measured while nothing trains in the root (a flow
-  evaluates depth k while it calibrates depth k+1): training takes the lock shared, measuring exclusive.
+- `computing` / `measuring`: latency and memory are measured while nothing else computes in the root
+  (a flow evaluates depth k while it calibrates depth k+1, and evaluations overlap each other):
+  training, feature caching and accuracy passes take the lock shared, measuring exclusive.
 """
 from __future__ import annotations
 
@@ -69,11 +70,11 @@ def _flock(root: str | os.PathLike, mode: int) -> Iterator[None]:
         yield
 
 
-def training(root: str | os.PathLike):
-    """Shared: any number of trainings at once, but no measurement beside them."""
+def computing(root: str | os.PathLike):
+    """Shared: any number of computations (training, accuracy passes) at once, but no measurement beside them."""
     return _flock(root, fcntl.LOCK_SH)
 
 
 def measuring(root: str | os.PathLike):
-    """Exclusive: waits until no training runs in the root (and keeps new ones waiting)."""
+    """Exclusive: waits until nothing computes in the root (and keeps new computations waiting)."""
     return _flock(root, fcntl.LOCK_EX)

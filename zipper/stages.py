@@ -27,9 +27,11 @@ log = logging.getLogger(__name__)
 def run_data(params: Params, layout: Layout, tasks: list[str] | None = None) -> None:
     """Shard each task's source into WebDataset tars + manifest."""
     from .data import write_shards
+    from .data.sources import at_input_size
 
     for task in tasks or params.tasks:
-        write_shards(params.data.tasks[task], task, layout.shards(task), maxcount=params.data.maxcount,
+        source = at_input_size(params.data.tasks[task], params.teachers.input_size)
+        write_shards(source, task, layout.shards(task), maxcount=params.data.maxcount,
                      on_bad_sample=params.data.on_bad_sample)
 
 
@@ -55,7 +57,7 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
             origin = {"imported_from": str(cfg.checkpoints[task]),
                       "imported_sha256": sha256_file(cfg.checkpoints[task])}
         else:
-            with locks.training(layout.root):
+            with locks.computing(layout.root):
                 model, acc = train_teacher(layout.shards(task), arch=cfg.arch, width=cfg.width,
                                            input_size=cfg.input_size, steps=cfg.steps, batch_size=cfg.batch_size,
                                            lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
@@ -106,9 +108,10 @@ def run_features(params: Params, layout: Layout, tasks: list[str] | None = None)
             continue
         teacher, _ = load_teacher(layout.teacher(task))
         try:
-            write_feature_cache(teacher, layout.shards(task), out, input_size=params.teachers.input_size,
-                                batch_size=params.features.batch_size, budget_mb=params.features.budget_mb,
-                                teacher_sha256=sha256_file(layout.teacher(task)), runtime=runtime)
+            with locks.computing(layout.root):
+                write_feature_cache(teacher, layout.shards(task), out, input_size=params.teachers.input_size,
+                                    batch_size=params.features.batch_size, budget_mb=params.features.budget_mb,
+                                    teacher_sha256=sha256_file(layout.teacher(task)), runtime=runtime)
         except OverBudget as e:  # at scale the cache is far larger than the data: step aside, do not fail
             log.warning("%s: calibration computes teacher targets online", e)
             _features_online(out, str(e))
@@ -183,7 +186,7 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
     resume_key = {**provenance, "prev_sha256": sha256_file(prev_path), "targets": targets,
                   "augment": params.teachers.augment,
                   **{f"shards.{t}.sha256": sha256_file(layout.shards(t) / "manifest.json") for t in params.tasks}}
-    with locks.training(layout.root):
+    with locks.computing(layout.root):
         curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth),
                            runtime=runtime, resume_key=resume_key)
     if not runtime.is_main:
@@ -211,11 +214,12 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     val = {t: val_batches(layout.shards(t), input_size=params.teachers.input_size, batch_size=cfg.batch_size,
                           num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
            for t in params.tasks}
-    acc = evaluate_zipper(runtime.module(net), val, runtime)
+    with locks.computing(layout.root):
+        acc = evaluate_zipper(runtime.module(net), val, runtime)
     net.cpu()
     teacher_acc = {t: v["val_acc"] for t, v in json.loads(layout.teacher_metrics.read_text()).items() if t in acc}
     drop = {t: 100 * (teacher_acc[t] - acc[t]) for t in acc}
-    with locks.measuring(layout.root):  # timings taken beside a training would say more about the training
+    with locks.measuring(layout.root):  # timings taken beside other work would say more about that work
         # CPU batch-1 latency is the deployment measure; on an accelerator, serving throughput beside it.
         gpu = throughput(net, teachers, runtime, batch=cfg.batch_size) if runtime.device.type != "cpu" else {}
         # The teachers' sizes and memory are measured once, at depth 0; every depth reads them from there.

@@ -7,6 +7,8 @@
                  `root/train/<class>/*` and `root/val/<class>/*`, any format PIL reads.
 - `torchvision`: {source, dataset, root, download=False, image_size=None, train_split=None,
                  val_split=None, seed=0} any `torchvision.datasets` class by name.
+  `image_size`: store images resized (shorter side) and centre-cropped to this size; None keeps them
+  as they are, and the pipeline's data stage fills in teachers.input_size (`at_input_size`).
 - `webdataset`:  {source, train, val, classes, n_train=None, n_val=None, hflip=True} existing shards at
                  URLs (brace patterns or lists); not loaded here but streamed in place (see
                  `zipper.data.shards.write_url_manifest`). `classes`: a list, or a path / URL of a JSON
@@ -60,7 +62,7 @@ def check_image_size(img: Image.Image, nbytes: int, origin: str) -> None:
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS or nbytes > MAX_IMAGE_BYTES:
         raise BadSample(f"image {origin} is too large: {w} x {h} px, {nbytes} bytes (at most {MAX_IMAGE_PIXELS} px "
-                        f"and {MAX_IMAGE_BYTES} bytes; resize it, and set the source's image_size)")
+                        f"and {MAX_IMAGE_BYTES} bytes): resize it first")
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,15 @@ def resolve(source: Mapping[str, Any]) -> dict[str, Any]:
         else:
             out[key] = default
     return out
+
+
+def at_input_size(source: Mapping[str, Any], input_size: int) -> dict[str, Any]:
+    """A source of a user's images (image folder, torchvision data set) without its own `image_size`
+    stores them at the size the nets read: shorter side resized, centre crop, what every stream does
+    first anyway. A 24 Mpx photo is then decoded once, when sharding, not at every training step."""
+    if source.get("source") in ("imagefolder", "torchvision") and source.get("image_size") is None:
+        return {**source, "image_size": input_size}
+    return dict(source)
 
 
 def load_source(source: Mapping[str, Any]) -> SourceData:
