@@ -53,11 +53,14 @@ def root_lock(root: str | os.PathLike, command: str) -> Iterator[None]:
         f.truncate(0)
         f.write(f"pid {os.getpid()}: {command}\n")
         f.flush()
-        os.environ[HELD_ENV] = str(path)
+        outer, os.environ[HELD_ENV] = os.environ.get(HELD_ENV), str(path)
         try:
             yield
         finally:
-            del os.environ[HELD_ENV]
+            if outer is None:
+                del os.environ[HELD_ENV]
+            else:
+                os.environ[HELD_ENV] = outer
             f.truncate(0)  # the lock itself goes with the file's closing
 
 

@@ -17,7 +17,7 @@ this module only wires them together, along the stage graph of `zipper.graph` th
   checkpoints; with `runtime.nproc_per_node > 1` the command relaunches itself under torchrun. Their
   output streams to the task's log. Every other stage runs in-process with `runtime.threads` threads;
 - one pipeline per project root: the flow holds the root's lock (`zipper.locks`) while it runs, and
-  evaluations time their latency only while no training runs;
+  evaluations time their latency only while nothing else computes there;
 - on Dask, when `runtime.device` names CUDA, the teachers and zip tasks ask for the worker resource
   `GPU` (= nproc_per_node), so only workers started with `--resources GPU=N` run them.
 """
