@@ -95,7 +95,7 @@ def test_an_exploding_loss_stops_calibration(trained_pair, tmp_path):
     assert not (tmp_path / "partial.pt").exists()
 
 
-@pytest.mark.parametrize("killed_at_batch", [5, 6, 8, 9, 11])
+@pytest.mark.parametrize("killed_at_batch", [5, 9, 11])
 def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, tmp_path, killed_at_batch):
     """Killed after its BN re-estimation (2 batches) and some steps; resumed from the partial checkpoint
     (every 3 steps), it ends bit for bit where a run that was never stopped ends."""

@@ -124,7 +124,8 @@ def test_tiny_fixture_is_params_yaml_with_these_keys_changed():
     assert changed == sizes | {  # small and fast: 16 px, few images and steps, 3 depths, one thread
         "teachers.input_size", "teachers.steps", "teachers.batch_size", "teachers.lr", "teachers.label_smoothing",
         "zipper.chain", "calibrate.steps", "calibrate.batch_size", "calibrate.bn_reset_batches",
-        "calibrate.checkpoint_every", "evaluate.latency_repeats", "runtime.threads", "runtime.channels_last"}
+        "calibrate.checkpoint_every", "evaluate.latency_repeats", "evaluate.memory", "runtime.threads",
+        "runtime.channels_last"}
 
 
 def test_missing_file_is_named(tmp_path):

@@ -99,7 +99,7 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
 
     root = Path(layout.root).resolve()
     client = connect(params.tracking, root, set_experiment=True)
-    _fail_interrupted_runs(client, mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id, root)
+    fail_interrupted_runs(client, mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id, root)
     name = params.tracking.registered_model
     classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
     summary: dict[str, Any] = {"tracking_uri": redacted(params.tracking.tracking_uri(root)), "registered_model": name,
@@ -161,7 +161,7 @@ def _input_example(size: int):
     return np.random.default_rng(0).integers(0, 256, (2, size, size, 3), dtype=np.uint8)
 
 
-def _fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
+def fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
     """A pipeline run of this root still RUNNING was killed mid-register (the root lock rules out a live
     one): mark it and its depth runs FAILED, so that neither the UI nor `promote` takes it for a result."""
     from mlflow.entities import RunStatus
