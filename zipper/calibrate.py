@@ -161,9 +161,7 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
         bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
                    disable=None if runtime.is_main else True, leave=False)
         for step in bar:
-            first_loss = curves["loss"][0] if curves["loss"] else math.nan
-            ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path,
-                                   first_loss)
+            ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path)
             curves["lr"].append(opt.param_groups[0]["lr"])
             sched.step()
             curves["ce"].append(ce_sum)
@@ -189,7 +187,7 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
 
 def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
           cfg: CalibrateConfig, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
-          step: int, partial_path, first_loss: float) -> tuple[float, float]:
+          step: int, partial_path) -> tuple[float, float]:
     """One optimizer step on one batch per task; returns the global batch's (ce, distill) sums."""
     opt.zero_grad(set_to_none=True)
     batches = {t: teacher_targets(teachers[t], next(streams[t]), runtime) for t in net.spec.task_names}
@@ -202,10 +200,9 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], 
         parts += [ce.detach(), l1.detach()]
     # One reduction per step: every process sees the same values, so all stop together on a bad loss.
     values = mean_over_processes(torch.stack(parts).tolist(), runtime)
-    if not all(math.isfinite(v) for v in values):
-        bad = net.spec.task_names[next(i for i, v in enumerate(values) if not math.isfinite(v)) // 2]
-        check_loss(math.nan, first_loss, where=f"calibration of depth {net.depth}, step {step}, task {bad!r} "
-                   f"(ce, l1 per task: {values})", hint=_hint(partial_path))
+    for i, value in enumerate(values):  # before the step: a non-finite loss must not reach the weights
+        check_loss(value, math.nan, where=f"calibration of depth {net.depth}, step {step}, task "
+                   f"{net.spec.task_names[i // 2]!r} (ce, l1 per task: {values})", hint=_hint(partial_path))
     scaler.scale(loss).backward()
     if cfg.grad_clip:
         scaler.unscale_(opt)

@@ -19,6 +19,7 @@ import yaml
 
 from .calibrate import CalibrateConfig
 from .data.sources import resolve
+from .graph import param_value
 from .io import sha256_json
 from .merge import INITS, SCOPES
 from .models import ARCHS, build_model
@@ -130,7 +131,7 @@ class Params:
 
     def __post_init__(self) -> None:
         for key, interval in RANGES.items():
-            _check_range(key, _get_dotted(self, key), interval)
+            _check_range(key, param_value(self, key), interval)
         unknown = sorted(set(self.teachers.checkpoints) - set(self.data.tasks))
         if unknown:
             raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task "
@@ -143,7 +144,8 @@ class Params:
         if not self.zipper.chain:
             return
         t = self.teachers
-        blocks = build_model(t.arch, 2, width=t.width, input_size=t.input_size).num_blocks
+        # The block count depends on the architecture alone: the narrowest build reads it cheapest.
+        blocks = build_model(t.arch, 2, width=0.25, input_size=t.input_size).num_blocks
         if self.zipper.depths[-1] > blocks:
             raise ValueError(f"zipper.chain: depth {self.zipper.depths[-1]} is deeper than {t.arch}, which has "
                              f"{blocks} blocks; the chain can go up to \"{blocks}\": {blocks - 1}")
@@ -182,12 +184,6 @@ def _check_range(key: str, value: float, interval: str) -> None:
     below = value < high if interval[-1] == ")" else value <= high
     if not (above and below and math.isfinite(value)):
         raise ValueError(f"{key}: expected a value in {interval}, got {value!r}")
-
-
-def _get_dotted(obj: Any, key: str) -> Any:
-    for part in key.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 def parse_overrides(items: Iterable[str] | None) -> dict[str, Any]:

@@ -170,16 +170,23 @@ def _expand(templates: Iterable[str], layout: Layout, tasks: list[str], depths: 
     return tuple(out)
 
 
+def param_value(params: Any, key: str) -> Any:
+    """The value a dotted params key names (`calibrate.lr`, `data.tasks.shapes`), through the config
+    dataclasses and the mappings inside them."""
+    node = params
+    for part in key.split("."):
+        node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+    return node
+
+
 def imported_files(s: Stage, params) -> Mapping[str, str]:
     """Task -> the user's file or folder a stage reads, where the params key `s.imports` names it: an
     imported teacher checkpoint, or the folder a data source reads (an image folder, a torchvision
     dataset that is not downloaded). Edit or replace one and the stage runs again."""
     if not s.imports:
         return {}
-    node: Any = params
-    for part in s.imports.split("."):
-        node = getattr(node, part)
-    return {task: value["root"] if isinstance(value, Mapping) else value for task, value in node.items()
+    return {task: value["root"] if isinstance(value, Mapping) else value
+            for task, value in param_value(params, s.imports).items()
             if not isinstance(value, Mapping) or _reads_local_folder(value)}
 
 

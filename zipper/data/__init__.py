@@ -2,18 +2,18 @@
 streams (DataLoader workers, per-rank slices of a global batch); teacher feature cache."""
 from .features import cache_matches, cached_batches, iter_cache, read_cache_manifest, write_feature_cache
 from .shards import (
-                     MEAN,
-                     STD,
-                     ValBatches,
-                     atomic_dir,
-                     epoch_stream,
-                     iter_samples,
-                     normalise,
-                     read_manifest,
-                     read_shard,
-                     train_batches,
-                     val_batches,
-                     write_shards,
+    MEAN,
+    STD,
+    ValBatches,
+    atomic_dir,
+    epoch_stream,
+    iter_samples,
+    normalise,
+    read_manifest,
+    read_shard,
+    train_batches,
+    val_batches,
+    write_shards,
 )
 from .sources import SOURCES, load_source, to_rgb
 from .synthetic import TASKS as SYNTHETIC_TASKS

@@ -17,7 +17,7 @@ from prefect.filesystems import LocalFileSystem
 
 from zipper import stages
 from zipper.config import Params
-from zipper.graph import Layout, stage_io, stage_of
+from zipper.graph import Layout, param_value, stage_io, stage_of
 from zipper.io import sha256_file, sha256_json
 
 log = logging.getLogger(__name__)
@@ -35,9 +35,7 @@ def pick_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
         if key == "tasks":
             out[key] = params.tasks
             continue
-        node: Any = params
-        for part in key.split("."):
-            node = node[part] if isinstance(node, Mapping) else getattr(node, part)
+        node = param_value(params, key)
         out[key] = asdict(node) if is_dataclass(node) else node
     return out
 
