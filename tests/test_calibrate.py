@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import zipper
-from zipper.calibrate import CalibrateConfig, calibrate
-from zipper.evaluate import accuracy
+from zipper.calibrate import CalibrateConfig, UntilConfig, calibrate
+from zipper.evaluate import accuracy, evaluate_zipper
 from zipper.guard import DivergedError
 from zipper.teachers import lr_at
 
@@ -95,12 +95,20 @@ def test_an_exploding_loss_stops_calibration(trained_pair, tmp_path):
     assert not (tmp_path / "partial.pt").exists()
 
 
-@pytest.mark.parametrize("killed_at_batch", [5, 9, 11])
-def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, tmp_path, killed_at_batch):
+def _drop_against(reference: float, val):
+    """A held-out drop in points against teachers of accuracy `reference` (above 1: a target never met)."""
+    held_out = {t: [v] for t, v in val.items()}
+    return lambda net: {t: 100 * (reference - a) for t, a in evaluate_zipper(net, held_out).items()}
+
+
+@pytest.mark.parametrize("killed_at_batch, until", [(5, None), (9, None), (11, None),
+                                                    (11, UntilConfig(max_drop_pp=0.0, check_every=4, plateau=0.0))])
+def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, tmp_path, killed_at_batch, until):
     """Killed after its BN re-estimation (2 batches) and some steps; resumed from the partial checkpoint
-    (every 3 steps), it ends bit for bit where a run that was never stopped ends."""
-    teachers, data, _ = trained_pair
-    cfg = CalibrateConfig(steps=10, checkpoint_every=3, bn_reset_batches=2, lr=0.01)
+    (every 3 steps), it ends bit for bit where a run that was never stopped ends, held-out checks included."""
+    teachers, data, val = trained_pair
+    cfg = CalibrateConfig(steps=10, checkpoint_every=3, bn_reset_batches=2, lr=0.01, until=until)
+    check = _drop_against(1.01, val) if until else None
     streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}  # noqa: E731
 
     class Killed(Exception):
@@ -113,17 +121,35 @@ def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, 
             yield b
 
     uninterrupted = zipper.zip_models(teachers, 2)
-    expected = calibrate(uninterrupted, teachers, streams(), cfg)
+    expected = calibrate(uninterrupted, teachers, streams(), cfg, held_out_drop=check)
     net = zipper.zip_models(teachers, 2)
     with pytest.raises(Killed):
         calibrate(net, teachers, {t: dying(s, killed_at_batch) for t, s in streams().items()}, cfg,
-                  partial_path=tmp_path / "p.pt")
+                  partial_path=tmp_path / "p.pt", held_out_drop=check)
     assert torch.load(tmp_path / "p.pt", weights_only=True)["step"] == (killed_at_batch - 2) // 3 * 3
     resumed = zipper.zip_models(teachers, 2)
-    curves = calibrate(resumed, teachers, streams(), cfg, partial_path=tmp_path / "p.pt")
+    curves = calibrate(resumed, teachers, streams(), cfg, partial_path=tmp_path / "p.pt", held_out_drop=check)
     assert curves == expected
+    assert [c["step"] for c in curves["checks"]] == ([4, 8] if until else [])
     for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_until_stops_at_the_drop_target_or_on_a_plateau(trained_pair):
+    """Checked every 4 steps on a held-out set: stopped at the first check within the target (teachers
+    as good as the net after 4 steps), or once the loss no longer falls (a target never met)."""
+    teachers, data, val = trained_pair
+    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}  # noqa: E731
+    lenient = CalibrateConfig(steps=40, lr=0.01, until=UntilConfig(max_drop_pp=100.0, check_every=4))
+    curves = calibrate(zipper.zip_models(teachers, 2), teachers, streams(), lenient,
+                       held_out_drop=_drop_against(1.0, val))
+    assert len(curves["loss"]) == 4 and [c["stop"] for c in curves["checks"]] == ["target"]
+    flat = CalibrateConfig(steps=40, lr=0.01, until=UntilConfig(max_drop_pp=0.0, check_every=4, plateau=0.99))
+    curves = calibrate(zipper.zip_models(teachers, 2), teachers, streams(), flat,
+                       held_out_drop=_drop_against(1.01, val))
+    assert len(curves["loss"]) == 8 and [c["stop"] for c in curves["checks"]] == [None, "plateau"]
+    with pytest.raises(ValueError, match="held_out_drop"):
+        calibrate(zipper.zip_models(teachers, 2), teachers, streams(), flat)
 
 
 def test_a_partial_checkpoint_made_from_other_inputs_is_discarded(trained_pair, tmp_path, caplog):

@@ -31,6 +31,18 @@ log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "constant")
+RECOVERED_PP = 1.0  # "recovered": every task within this many points of its teacher on the held-out split
+
+
+@dataclass(frozen=True)
+class UntilConfig:
+    """Stop a depth's calibration early: checked every `check_every` steps on the held-out split
+    (`holdout` of each task's train samples, never trained on; `zipper.data.holdout`)."""
+    max_drop_pp: float = 0.5  # stop once every task is within this many points of its teacher
+    check_every: int = 25
+    plateau: float = 0.02  # or once the loss of the last check_every steps fell less than this fraction (0: off)
+    holdout: float = 0.1
+    holdout_samples: int = 512  # per task, evaluated at each check
 
 
 @dataclass(frozen=True)
@@ -50,6 +62,7 @@ class CalibrateConfig:
     bn_reset_batches: int = 10  # re-estimate BN stats on this many batches per task first (0 = off)
     checkpoint_every: int = 50  # steps between resumable partial checkpoints
     seed: int = 0
+    until: UntilConfig | None = None  # None: always `steps`; else `steps` is the most a depth may take
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -123,14 +136,19 @@ def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer,
 
 
 StepCallback = Callable[[int, ZipperNet], None]
+# net -> per-task drop (points) on the held-out split, measured in eval mode (no BN update, no gradients)
+HeldOutDrop = Callable[[ZipperNet], Mapping[str, float]]
 
 
 def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
               cfg: CalibrateConfig, *, partial_path: str | os.PathLike | None = None, runtime: Runtime = CPU,
-              resume_key: Mapping[str, object] | None = None, on_step: StepCallback | None = None
-              ) -> dict[str, list[float]]:
+              resume_key: Mapping[str, object] | None = None, on_step: StepCallback | None = None,
+              held_out_drop: HeldOutDrop | None = None) -> dict[str, list]:
     """Calibrate `net` in place on `runtime`'s device (left on the CPU after); returns per-step
-    curves {loss, ce, distill, lr} of the global batch.
+    curves {loss, ce, distill, lr} of the global batch, and {checks} of the held-out split.
+
+    With `cfg.until`, `held_out_drop(net)` runs every `until.check_every` steps; calibration stops
+    once every task is within `until.max_drop_pp` of its teacher there, or once the loss plateaus.
 
     With `partial_path`, a resumable checkpoint is written every `cfg.checkpoint_every` steps
     (by the main process) and picked up by a rerun whose config, net and `resume_key` (what else
@@ -148,7 +166,9 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
     params = list(net.parameters())
     opt, sched = make_optimizer(cfg, params)
     scaler = runtime.grad_scaler()
-    curves: dict[str, list[float]] = {"loss": [], "ce": [], "distill": [], "lr": []}
+    if cfg.until is not None and held_out_drop is None:
+        raise ValueError("calibrate.until needs the held-out split's drop (held_out_drop)")
+    curves: dict[str, list] = {"loss": [], "ce": [], "distill": [], "lr": [], "checks": []}
     key = sha256_json({"cfg": asdict(cfg), "spec": asdict(net.spec), "inputs": dict(resume_key or {}),
                        "world_size": runtime.world_size})
     with data_parallel(net, runtime, "forward_per_task") as forward:
@@ -170,19 +190,48 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mappin
             check_loss(curves["loss"][-1], curves["loss"][0], where=f"calibration of depth {net.depth}, step {step}",
                        hint=_hint(partial_path))
             bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
+            stop = _check(net, cfg, step + 1, curves, held_out_drop, runtime)
             if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_torch({"key": key, "step": step + 1, "net": cpu_state(net), "opt": opt.state_dict(),
                             "sched": sched.state_dict(), "scaler": scaler.state_dict(), "curves": curves,
                             "rng": torch.get_rng_state()}, partial_path)
             if on_step is not None:
                 on_step(step + 1, net)
+            if stop:
+                break
     net.eval().cpu()
     if partial_path and runtime.is_main:
         Path(partial_path).unlink(missing_ok=True)
     if curves["loss"]:
         log.info("depth %d calibrated: loss %.4f -> %.4f over %d steps", net.depth, curves["loss"][0],
-                 curves["loss"][-1], cfg.steps)
+                 curves["loss"][-1], len(curves["loss"]))
     return curves
+
+
+def _check(net: ZipperNet, cfg: CalibrateConfig, step: int, curves: dict, held_out_drop: HeldOutDrop | None,
+           runtime: Runtime) -> str | None:
+    """At every `until.check_every` steps: record the held-out drops; the reason to stop, if any."""
+    until = cfg.until
+    if until is None or held_out_drop is None or step % until.check_every:
+        return None
+    drops = dict(held_out_drop(net))  # in eval mode, without gradients: the calibration run is not altered
+    # every process decides on the same numbers (each one's BN statistics may differ in the last bits)
+    drops = dict(zip(drops, mean_over_processes(list(drops.values()), runtime)))
+    w = until.check_every
+    window, before = curves["loss"][-w:], curves["loss"][-2 * w:-w]
+    reason = ("target" if max(drops.values()) <= until.max_drop_pp else
+              "plateau" if until.plateau and len(before) == w and sum(window) > (1 - until.plateau) * sum(before)
+              else None)
+    curves["checks"].append({"step": step, "drop_pp": drops, "stop": reason})
+    log.info("depth %d, step %d: held-out drop %s%s", net.depth, step,
+             {t: round(d, 2) for t, d in drops.items()}, f"; stopping ({reason})" if reason else "")
+    return reason
+
+
+def steps_to_recover(checks: list[Mapping], within_pp: float = RECOVERED_PP) -> int | None:
+    """The first checked step at which every task is within `within_pp` points of its teacher on the
+    held-out split (None: never, or no checks)."""
+    return next((c["step"] for c in checks if max(c["drop_pp"].values()) <= within_pp), None)
 
 
 def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],

@@ -131,7 +131,9 @@ class Params:
 
     def __post_init__(self) -> None:
         for key, interval in RANGES.items():
-            _check_range(key, param_value(self, key), interval)
+            section, _, name = key.rpartition(".")
+            if param_value(self, section) is not None:  # an optional section left out (calibrate.until)
+                _check_range(key, getattr(param_value(self, section), name), interval)
         unknown = sorted(set(self.teachers.checkpoints) - set(self.data.tasks))
         if unknown:
             raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task "
@@ -173,6 +175,9 @@ RANGES: dict[str, str] = {
     "calibrate.distill_weight": "[0, inf)", "calibrate.kd_weight": "[0, inf)", "calibrate.kd_temperature": "(0, inf)",
     "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)",
     "calibrate.checkpoint_every": "[1, inf)",
+    "calibrate.until.max_drop_pp": "[0, inf)", "calibrate.until.check_every": "[1, inf)",
+    "calibrate.until.plateau": "[0, 1)", "calibrate.until.holdout": "(0, 1)",
+    "calibrate.until.holdout_samples": "[1, inf)",
     "evaluate.batch_size": "[1, inf)", "evaluate.latency_repeats": "[1, inf)", "evaluate.threads": "[1, inf)",
     "runtime.num_workers": "[0, inf)", "runtime.threads": "[0, inf)", "runtime.nproc_per_node": "[1, inf)",
 }
@@ -226,7 +231,7 @@ def _set_dotted(raw: dict, key: str, value: Any) -> None:
 
 def _build(cls: type, raw: Any, where: str) -> Any:
     if not isinstance(raw, Mapping):
-        raise ValueError(f"{where or 'params'}: expected a mapping, got {type(raw).__name__}")
+        raise ValueError(f"{where.rstrip('.') or 'params'}: expected a mapping, got {type(raw).__name__}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(raw) - set(fields))
@@ -253,5 +258,8 @@ def _convert(hint: Any, value: Any, key: str) -> Any:
     if origin in (int, str, bool) and type(value) is origin:
         return value
     if origin is types.UnionType or origin is typing.Union:
-        return value
+        options = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None and len(options) < len(typing.get_args(hint)):
+            return None
+        return _convert(options[0], value, key) if len(options) == 1 else value
     raise ValueError(f"{key}: expected {getattr(origin, '__name__', origin)}, got {value!r}")

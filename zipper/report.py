@@ -13,7 +13,7 @@ def flat_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> list[dict
     for r in rows:
         flat = {"depth": r["depth"], "comp_conv": r["comp_conv"], "comp_params": r["comp_params"],
                 "macs_ratio": r["macs_ratio"], "speedup": r["speedup"], "memory_comp": r["memory_comp"],
-                "max_drop_pp": r["max_drop_pp"]}
+                "max_drop_pp": r["max_drop_pp"], "steps": r.get("steps"), "steps_to_recover": r.get("steps_to_recover")}
         for t in tasks:
             flat[f"acc_{t}"] = 100 * r["acc"][t]
             flat[f"drop_{t}"] = r["drop_pp"][t]
@@ -35,13 +35,13 @@ def summary(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> dict[str, A
 def markdown_table(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> str:
     fmt = lambda v, spec: "-" if v is None else format(v, spec)  # noqa: E731
     head = ["depth", "comp (conv)", "comp (params)", "MACs ratio", "speedup", "memory"] + \
-           [f"acc {t} (%)" for t in tasks] + ["worst drop (pp)"]
+           [f"acc {t} (%)" for t in tasks] + ["worst drop (pp)", "steps", "within 1 pt at step"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in flat_rows(rows, tasks):
         cells = [str(r["depth"]), fmt(r["comp_conv"], ".3f"), fmt(r["comp_params"], ".3f"), fmt(r["macs_ratio"], ".2f"),
                  fmt(r["speedup"], ".2f"), fmt(r["memory_comp"], ".2f")]
         cells += [f"{r[f'acc_{t}']:.2f} ({-r[f'drop_{t}']:+.2f})" for t in tasks]
-        cells.append(f"{r['max_drop_pp']:.2f}")
+        cells += [f"{r['max_drop_pp']:.2f}", fmt(r["steps"], "d"), fmt(r["steps_to_recover"], "d")]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -129,13 +129,14 @@ def _features_online(out: Path, reason: str) -> None:
 def calibration_streams(params: Params, layout: Layout, seed: int, runtime: Runtime = CPU
                         ) -> tuple[dict[str, Iterator], str]:
     """Per task: cached targets when a matching cache exists, else online (augmented) batches;
-    this process's rows of every global batch."""
+    this process's rows of every global batch, the held-out split left out."""
     from .data import train_batches
     from .data.features import cache_matches, cached_batches
 
     size = params.teachers.input_size
     loader = dict(batch_size=params.calibrate.batch_size, seed=seed, num_workers=runtime.num_workers,
-                  rank=runtime.rank, world_size=runtime.world_size, pin_memory=runtime.pin_memory)
+                  rank=runtime.rank, world_size=runtime.world_size, pin_memory=runtime.pin_memory,
+                  skip=held_out_split(params))
     cached = params.features.enabled and all(
         cache_matches(layout.features(t), sha256_file(layout.teacher(t)), shard_dir=layout.shards(t), input_size=size)
         for t in params.tasks)
@@ -143,6 +144,35 @@ def calibration_streams(params: Params, layout: Layout, seed: int, runtime: Runt
         return {t: cached_batches(layout.features(t), input_size=size, **loader) for t in params.tasks}, "cache"
     return {t: train_batches(layout.shards(t), input_size=size, augment=params.teachers.augment, **loader)
             for t in params.tasks}, "online"
+
+
+def held_out_split(params: Params) -> Any:
+    """Which train samples calibration holds out to decide when to stop (None: it does not stop early)."""
+    from .data.holdout import HeldOut
+
+    until = params.calibrate.until
+    return None if until is None else HeldOut(until.holdout)
+
+
+def held_out_drop(params: Params, layout: Layout, teachers: Mapping[str, Any], runtime: Runtime
+                  ) -> tuple[Any, dict[str, list[str]]]:
+    """(net -> per-task drop in points against the teachers on the held-out split, the split's keys per task)."""
+    from .data.holdout import holdout_batches
+    from .evaluate import accuracy, evaluate_zipper
+
+    split, size = held_out_split(params), params.teachers.input_size
+    batches, keys = {}, {}
+    for t in params.tasks:
+        batches[t], keys[t] = holdout_batches(layout.shards(t), split, input_size=size,
+                                              batch_size=params.evaluate.batch_size,
+                                              limit=params.calibrate.until.holdout_samples)
+    teacher_acc = {t: accuracy(runtime.module(teachers[t]).eval(), batches[t], runtime) for t in params.tasks}
+
+    def drop(net: Any) -> dict[str, float]:
+        acc = evaluate_zipper(net, batches, runtime)
+        return {t: 100 * (teacher_acc[t] - acc[t]) for t in params.tasks}
+
+    return drop, keys
 
 
 # ------------------------------------------------------------------------------------------ zip
@@ -187,18 +217,21 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
                   "augment": params.teachers.augment,
                   **{f"shards.{t}.sha256": sha256_file(layout.shards(t) / "manifest.json") for t in params.tasks}}
     with locks.computing(layout.root):
+        check, holdout = (held_out_drop(params, layout, teachers, runtime) if params.calibrate.until
+                          else (None, None))
         curves = calibrate(net, teachers, streams, params.calibrate, partial_path=layout.partial(depth),
-                           runtime=runtime, resume_key=resume_key)
+                           runtime=runtime, resume_key=resume_key, held_out_drop=check)
     if not runtime.is_main:
         return
     net.save(layout.zipped(depth), **provenance, **{"params.calibrate": params.section_hash("calibrate")},
-             prev_sha256=sha256_file(prev_path), targets=targets)
+             prev_sha256=sha256_file(prev_path), targets=targets, **({"holdout_keys": holdout} if holdout else {}))
     write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves})
 
 
 # ------------------------------------------------------------------------------------- evaluate
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
+    from .calibrate import steps_to_recover
     from .data import val_batches
     from .evaluate import evaluate_zipper
     from .memory import start_memory_probes
@@ -230,7 +263,8 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     curves = json.loads(layout.curves(depth).read_text())
     row = {"depth": depth, "scope": net.spec.scope, "init": net.provenance.get("init"), "targets": curves["targets"],
            "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),
-           "final_loss": curves["loss"][-1] if curves["loss"] else None,
+           "final_loss": curves["loss"][-1] if curves["loss"] else None, "steps": len(curves["loss"]),
+           "steps_to_recover": steps_to_recover(curves.get("checks", [])),
            **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
                                    "speedup", "latency_teachers_ms", "latency_zipper_ms")},
            "memory_comp": prof.get("memory_comp"), **gpu, **({"teachers_side": side} if depth == 0 else {})}

@@ -124,6 +124,8 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                 curves = json.loads(layout.curves(depth).read_text())
                 metrics = [Metric(key, float(v), 0, step) for key in ("loss", "ce", "distill", "lr")
                            for step, v in enumerate(curves[key])]
+                metrics += [Metric(f"holdout_drop_pp_{t}", float(d), 0, c["step"])
+                            for c in curves.get("checks", []) for t, d in c["drop_pp"].items()]
                 for i in range(0, len(metrics), 1000):
                     client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
                 mlflow.log_artifact(str(layout.curves(depth)), artifact_path="calibration")
@@ -176,8 +178,8 @@ def fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
 
 
 def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    m = {k: row[k] for k in ("comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp", "max_drop_pp",
-                             "final_loss")}
+    m = {k: row.get(k) for k in ("comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp", "max_drop_pp",
+                                 "final_loss", "steps", "steps_to_recover")}
     m.update({f"acc_{t}": a for t, a in row["acc"].items()})
     m.update({f"drop_pp_{t}": d for t, d in row["drop_pp"].items()})
     return m

@@ -24,7 +24,7 @@ import logging
 import math
 import os
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -239,14 +239,15 @@ def split_taps(flat: np.ndarray, manifest: Mapping[str, Any]) -> dict[str, np.nd
 
 
 def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, input_size: int, num_workers: int = 0,
-                   rank: int = 0, world_size: int = 1, pin_memory: bool = False
+                   rank: int = 0, world_size: int = 1, pin_memory: bool = False,
+                   skip: Callable[[str], bool] | None = None
                    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """Endless shuffled stream of (x, y, teacher logits, {tap: teacher feature}) from a cache.
 
     The same stream as `train_batches` (`shards.EpochStream`): epochs of the cache dealt to
     `num_workers` DataLoader workers, `batch_size` the global batch of which this `rank` of
     `world_size` gets its rows (the ranks' batches concatenate to the world_size=1 batch).
-    Fixed preprocessing (that of the cache); taps come back as float32.
+    Fixed preprocessing (that of the cache); taps come back as float32. `skip(key)`: leave that sample out.
     """
     m = read_cache_manifest(cache_dir)
     if m["input_size"] != input_size:
@@ -259,7 +260,7 @@ def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, 
     buffer = int(min(SHUFFLE_BUFFER, max(64, SHUFFLE_MEMORY / max(1, num_workers) / per_sample)))
     return epoch_stream(urls, _Decode(input_size), _Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]), seed=seed,
                         batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                        pin_memory=pin_memory, shuffle_buffer=buffer)
+                        pin_memory=pin_memory, shuffle_buffer=buffer, skip=skip)
 
 
 def iter_cache(cache_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:

@@ -692,19 +692,21 @@ class EpochStream(torch.utils.data.IterableDataset):
     `__epoch__`, `__shard__` (index in `urls`) and `__index__` (position in the shard). A worker cuts
     its samples into global batches of `batch_size`, running on across epochs, keeps rows
     [rank * b, (rank + 1) * b), b = batch_size // world_size, and only then `decode`s them.
+    Samples whose key `skip` accepts are left out (the held-out split, `zipper.data.holdout`).
     """
 
     def __init__(self, urls: Sequence[str], decode: Callable[[dict[str, Any]], Any],
                  collation_fn: Callable[[list], Any],
                  *, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = SHUFFLE_BUFFER, num_classes: int | None = None) -> None:
+                 shuffle_buffer: int = SHUFFLE_BUFFER, num_classes: int | None = None,
+                 skip: Callable[[str], bool] | None = None) -> None:
         super().__init__()
         check_ranks(batch_size, rank, world_size)
         if not urls:
             raise ValueError("no shards to stream")
         self.urls, self.decode, self.collation_fn = list(urls), decode, collation_fn
         self.seed, self.batch_size, self.rank, self.world_size = seed, batch_size, rank, world_size
-        self.shuffle_buffer, self.num_classes = max(1, shuffle_buffer), num_classes
+        self.shuffle_buffer, self.num_classes, self.skip = max(1, shuffle_buffer), num_classes, skip
 
     def __iter__(self) -> Iterator[Any]:
         samples = self.samples(*_worker())
@@ -729,6 +731,8 @@ class EpochStream(torch.utils.data.IterableDataset):
     def _read(self, share: list[int], epoch: int) -> Iterator[dict[str, Any]]:
         for i in share:
             for j, sample in enumerate(read_shard(self.urls[i], num_classes=self.num_classes)):
+                if self.skip is not None and self.skip(sample["__key__"]):
+                    continue
                 sample.update(__epoch__=epoch, __shard__=i, __index__=j)
                 yield sample
 
@@ -736,12 +740,12 @@ class EpochStream(torch.utils.data.IterableDataset):
 def epoch_stream(urls: Sequence[str], decode: Callable[[dict[str, Any]], Any], collation_fn: Callable[[list], Any], *,
                  seed: int, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  pin_memory: bool = False, shuffle_buffer: int = SHUFFLE_BUFFER,
-                 num_classes: int | None = None) -> Iterator[Any]:
+                 num_classes: int | None = None, skip: Callable[[str], bool] | None = None) -> Iterator[Any]:
     """Endless batches of an `EpochStream`, in `num_workers` DataLoader workers (at most one per
     shard: a worker without shards would have nothing to read). Deterministic given `seed`,
     `num_workers` and `world_size`; errors on arguments are raised here, not at the first batch."""
     dataset = EpochStream(urls, decode, collation_fn, seed=seed, batch_size=batch_size, rank=rank,
-                          world_size=world_size, shuffle_buffer=shuffle_buffer, num_classes=num_classes)
+                          world_size=world_size, shuffle_buffer=shuffle_buffer, num_classes=num_classes, skip=skip)
     return _endless(_loader(dataset, num_workers=min(num_workers, len(urls)), pin_memory=pin_memory, seed=seed))
 
 
@@ -751,20 +755,22 @@ def _endless(loader: Iterable) -> Iterator[Any]:
 
 def train_batches(shard_dir: str | os.PathLike, *, input_size: int, batch_size: int, augment: bool, seed: int,
                   split: str = "train", num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+                  pin_memory: bool = False, skip: Callable[[str], bool] | None = None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled stream of (x float32 (N, 3, S, S) normalised, y int64 (N,)) from `split`.
 
     Epoch after epoch, every sample once per epoch (`EpochStream`); deterministic given `seed`,
     `num_workers` and `world_size`. `batch_size` is the global batch: this rank gets its
     N = batch_size // world_size rows, and the ranks' batches concatenated in rank order are the
     world_size=1 batch, bit for bit. `augment`: random crop with padding, plus horizontal flip when
-    the task allows it. `pin_memory`: pinned batches where CUDA is available.
+    the task allows it. `pin_memory`: pinned batches where CUDA is available. `skip(key)`: leave
+    that sample out.
     """
     m = read_manifest(shard_dir)
     prep = Prepare(input_size, augment=augment, hflip=bool(m.get("hflip", True)), seed=seed)
     return epoch_stream(shard_urls(shard_dir, m, split), prep, collate, seed=seed, batch_size=batch_size, rank=rank,
                         world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
-                        num_classes=len(m["classes"]))
+                        num_classes=len(m["classes"]), skip=skip)
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):

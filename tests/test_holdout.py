@@ -1,0 +1,85 @@
+"""The held-out calibration split and adaptive calibration (`calibrate.until`) in the zip stage: it stops a
+depth on train samples it never trains on, and never reads the val split that reports accuracy."""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from zipper.config import load_params
+from zipper.data import iter_samples, read_manifest, train_batches
+from zipper.data import shards as shards_module
+from zipper.data.holdout import HeldOut
+from zipper.data.shards import EpochStream, shard_urls
+from zipper.data.shards import read_shard as _read_shard
+from zipper.graph import Layout
+from zipper.merge import load as load_zipper
+from zipper.stages import run_evaluate, run_zip
+
+UNTIL = {"max_drop_pp": 0.5, "check_every": 4, "holdout": 0.25}
+
+
+def test_the_held_out_split_is_a_stable_fraction_of_keys():
+    held_out = HeldOut(0.2)
+    keys = [f"train_{i:07d}" for i in range(5000)]
+    chosen = [k for k in keys if held_out(k)]
+    assert 900 < len(chosen) < 1100
+    assert chosen == [k for k in keys if HeldOut(0.2)(k)]  # the key alone decides
+    with pytest.raises(ValueError, match="fraction"):
+        HeldOut(1.0)
+
+
+def test_the_training_stream_leaves_the_held_out_samples_out(dvc_project):
+    shards = Layout(dvc_project).shards("shapes")
+    urls = shard_urls(shards, read_manifest(shards), "train")
+    held_out = HeldOut(0.25)
+    stream = EpochStream(urls, lambda s: s["__key__"], list, seed=0, batch_size=32, skip=held_out)
+    seen = {key for _, batch in zip(range(30), stream) for key in batch}  # more than two epochs
+    train = {s["__key__"] for s in iter_samples(shards, "train")}
+    assert seen == {k for k in train if not held_out(k)}
+    next(train_batches(shards, input_size=16, batch_size=8, augment=True, seed=0, skip=held_out))
+
+
+@pytest.fixture
+def zip_root(dvc_project, tmp_path) -> tuple[Path, Layout]:
+    """A root holding the tiny project's shards, teachers, feature caches and depth 0, nothing else."""
+    src, dst = Layout(dvc_project), Layout(tmp_path)
+    for task in ("shapes", "textures"):
+        for made in (src.shards(task), src.features(task)):
+            shutil.copytree(made, tmp_path / made.relative_to(dvc_project))
+        dst.teacher(task).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src.teacher(task), dst.teacher(task))
+    for made in (src.teacher_metrics, src.zipped(0), src.curves(0), src.metrics(0)):
+        (tmp_path / made.relative_to(dvc_project)).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(made, tmp_path / made.relative_to(dvc_project))
+    return tmp_path, dst
+
+
+def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, dvc_project, monkeypatch):
+    root, layout = zip_root
+    params = load_params(dvc_project / "params.yaml", {"calibrate.until": UNTIL, "calibrate.steps": 40})
+    read = []
+    monkeypatch.setattr(shards_module, "read_shard", lambda url, **kw: read.append(url) or _read_shard(url, **kw))
+    run_zip(params, layout, 1)
+    monkeypatch.undo()
+
+    val_urls = {u for t in params.tasks for u in shard_urls(layout.shards(t), read_manifest(layout.shards(t)), "val")}
+    assert read and not set(read) & val_urls
+    curves = json.loads(layout.curves(1).read_text())
+    checks = curves["checks"]
+    assert [c["step"] for c in checks] == list(range(4, 4 * len(checks) + 1, 4))
+    assert [c["stop"] for c in checks[:-1]] == [None] * (len(checks) - 1)
+    assert len(curves["loss"]) == (checks[-1]["step"] if checks[-1]["stop"] else 40)
+    provenance = load_zipper(layout.zipped(1)).provenance
+    for task in params.tasks:
+        held = provenance["holdout_keys"][task]
+        train = {s["__key__"] for s in iter_samples(layout.shards(task), "train")}
+        assert held and set(held) <= train and all(HeldOut(0.25)(k) for k in held)
+        assert not set(held) & {s["__key__"] for s in iter_samples(layout.shards(task), "val")}
+
+    row = run_evaluate(params, layout, 1)
+    assert row["steps"] == len(curves["loss"])
+    first_within = next((c["step"] for c in checks if max(c["drop_pp"].values()) <= 1.0), None)
+    assert row["steps_to_recover"] == first_within

@@ -1,0 +1,52 @@
+"""The held-out calibration split: a fixed fraction of each task's train samples, chosen by key.
+
+Calibration with a stopping rule (`calibrate.until`) never trains on these samples and measures its
+progress on them, so the val split stays unseen until evaluation reports it. Membership depends on
+the sample key alone (a hash), not on shard layout, stream order, rank or worker: every process and
+every rerun agrees on it, and the training stream can drop the samples wherever it reads them.
+"""
+from __future__ import annotations
+
+import hashlib
+import itertools
+import os
+
+import torch
+
+from .shards import Prepare, collate, iter_samples, read_manifest
+
+
+class HeldOut:
+    """`held_out(key)`: whether a sample belongs to the held-out split. A class so DataLoader workers
+    can pickle it."""
+
+    def __init__(self, fraction: float) -> None:
+        if not 0 < fraction < 1:
+            raise ValueError(f"held-out fraction must be in (0, 1), got {fraction!r}")
+        self.fraction = fraction
+
+    def __call__(self, key: str) -> bool:
+        digest = hashlib.sha256(f"zipper-holdout:{key}".encode()).digest()
+        return int.from_bytes(digest[:8], "big") < self.fraction * 2 ** 64
+
+
+def holdout_batches(shard_dir: str | os.PathLike, held_out: HeldOut, *, input_size: int, batch_size: int,
+                    limit: int) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], list[str]]:
+    """The first `limit` held-out train samples in manifest order, as fixed-preprocessing (x, y)
+    batches, and their keys. Reads the train split only."""
+    m = read_manifest(shard_dir)
+    samples = itertools.islice((s for s in iter_samples(shard_dir, "train", manifest=m) if held_out(s["__key__"])),
+                               limit)
+    prep, keys, batches, batch = Prepare(input_size), [], [], []
+    for sample in samples:
+        keys.append(sample["__key__"])
+        batch.append(prep(sample))
+        if len(batch) == batch_size:
+            batches.append(collate(batch))
+            batch = []
+    if batch:
+        batches.append(collate(batch))
+    if not keys:
+        raise ValueError(f"{shard_dir}: no train sample falls in the held-out split (fraction "
+                         f"{held_out.fraction}); raise calibrate.until.holdout")
+    return batches, keys
