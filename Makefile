@@ -33,8 +33,11 @@ demo: install
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 	@echo "Promote:   $(VENV)/bin/zipper promote --max-drop 1.0   (puts alias @champion on the deepest depth within 1 point)"
 
+# Two worker processes, each test file on one of them (module fixtures such as the Prefect server and the
+# tiny projects are built once): about two thirds of the serial time on 2 cores (README, Development).
+TEST_WORKERS ?= 2
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Everything but the end-to-end runs (seconds to minutes each): about a third of `make test`.
 test-fast: install

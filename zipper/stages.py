@@ -178,7 +178,7 @@ def held_out_drop(params: Params, layout: Layout, teachers: Mapping[str, Any], r
 # ------------------------------------------------------------------------------------------ zip
 def run_zip(params: Params, layout: Layout, depth: int) -> None:
     """Depth 0: the teachers side by side. Depth k: merge block k into the calibrated depth k-1, calibrate."""
-    from .calibrate import calibrate
+    from .calibrate import calibrate, steps_to_recover
     from .merge import deepen, side_by_side
     from .merge import load as load_zipper
 
@@ -225,13 +225,13 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
         return
     net.save(layout.zipped(depth), **provenance, **{"params.calibrate": params.section_hash("calibrate")},
              prev_sha256=sha256_file(prev_path), targets=targets, **({"holdout_keys": holdout} if holdout else {}))
-    write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves})
+    write_json(layout.curves(depth), {"depth": depth, "targets": targets, **curves,
+                                      "steps_to_recover": steps_to_recover(curves["checks"])})
 
 
 # ------------------------------------------------------------------------------------- evaluate
 def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     """Per-task accuracy and drop against the teachers, plus size, MACs, speedup and memory ratios."""
-    from .calibrate import steps_to_recover
     from .data import val_batches
     from .evaluate import evaluate_zipper
     from .memory import start_memory_probes
@@ -264,7 +264,7 @@ def run_evaluate(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     row = {"depth": depth, "scope": net.spec.scope, "init": net.provenance.get("init"), "targets": curves["targets"],
            "acc": acc, "teacher_acc": teacher_acc, "drop_pp": drop, "max_drop_pp": max(drop.values()),
            "final_loss": curves["loss"][-1] if curves["loss"] else None, "steps": len(curves["loss"]),
-           "steps_to_recover": steps_to_recover(curves.get("checks", [])),
+           "steps_to_recover": curves.get("steps_to_recover"),
            **{k: prof[k] for k in ("params", "conv_weights", "macs", "comp_params", "comp_conv", "macs_ratio",
                                    "speedup", "latency_teachers_ms", "latency_zipper_ms")},
            "memory_comp": prof.get("memory_comp"), **gpu, **({"teachers_side": side} if depth == 0 else {})}
