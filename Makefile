@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # torch is pinned to the build served from local disk on our machines (see README).
 TORCH := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: demo test test-fast test-isa lint install bench clean
+.PHONY: demo test test-fast test-isa lint install lock bench clean
 
 # uv installs what pip would, a third of the time (parallel downloads and unpacking; docs/reproducibility.md).
 # It reads no pip configuration: the extra indexes pip is configured with are passed on, and the best
@@ -14,13 +14,20 @@ UV := uv==0.13.9
 PIP_INDEXES := $(shell $(PYTHON) -m pip config get global.extra-index-url 2>/dev/null)
 UV_INDEXES := --index-strategy unsafe-best-match $(foreach index,$(PIP_INDEXES),--extra-index-url $(index))
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package of the stack (resolved for Linux x86-64, Python 3.11); the install
+# takes exactly those versions. After changing a dependency in pyproject.toml: `make lock`.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(UV)
-	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(UV_INDEXES) $(TORCH) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(UV_INDEXES) -r requirements.lock -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
+
+lock:
+	test -x $(VENV)/bin/uv || { test -d $(VENV) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q $(UV); }
+	printf '%s\n' $(TORCH) | $(VENV)/bin/uv pip compile -q pyproject.toml - --extra dev $(UV_INDEXES) \
+		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
 
 # The whole pipeline on the embedded default data, then the results and where to look next.
 demo: install

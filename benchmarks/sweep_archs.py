@@ -4,12 +4,12 @@ For each `arch:width`, the pipeline's own stage functions run in order under `<r
 with the params file's recipe (data, teachers, features, calibration), the chain set to every block
 of the arch: `run_data`, `run_teachers`, `run_features`, `run_zip` for depth 0..L (each depth starting
 from the calibrated one before it), `run_evaluate` per depth. Outputs already under the root are
-reused, so a killed sweep resumes, and a second sweep over the same root with other calibration
-settings (`--set`) needs a fresh `--root` only for the zip and evaluate outputs (`--fresh-zip`).
+reused, so a killed sweep resumes. `--teachers-from` another sweep's root reuses its shards, feature
+caches (linked) and teachers (copied): a second recipe is compared on the same teachers.
 
     .venv/bin/python benchmarks/sweep_archs.py [--params params.yaml] [--root /tmp/zipper-sweep]
         [--archs mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5]
-        [--set KEY=VALUE ...] [--fresh-zip] [--out docs/sweep]
+        [--set KEY=VALUE ...] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep]
 
 Writes `<out>.json` (every row), `<out>.md` (tables + the command) and `<out>.png` (worst drop and
 calibration steps against depth, one line per arch).
@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -41,13 +42,16 @@ def arch_params(path: str, arch: str, width: float, overrides: dict[str, Any]) -
     return load_params(path, {**overrides, "teachers.arch": arch, "teachers.width": width, "zipper.chain": chain})
 
 
-def run_arch(params: Params, layout: Layout, fresh_zip: bool) -> list[dict[str, Any]]:
+def run_arch(params: Params, layout: Layout, teachers_from: Layout | None) -> list[dict[str, Any]]:
     """The chain of one arch, every stage skipped whose output is already there."""
     tasks = params.tasks
-    if fresh_zip:
-        for depth in [0, *params.zipper.depths]:
-            for made in (layout.zipped(depth), layout.curves(depth), layout.metrics(depth)):
-                made.unlink(missing_ok=True)
+    if teachers_from is not None and not (layout.root / "data").exists():
+        layout.root.mkdir(parents=True, exist_ok=True)
+        (layout.root / "data").symlink_to((teachers_from.root / "data").resolve(), target_is_directory=True)
+        for made in (teachers_from.teacher_metrics, *(teachers_from.teacher(t) for t in tasks)):
+            target = layout.root / made.relative_to(teachers_from.root)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(made, target)
     if not all((layout.shards(t) / "manifest.json").exists() for t in tasks):
         run_data(params, layout)
     if not all(layout.teacher(t).exists() for t in tasks):
@@ -62,8 +66,6 @@ def run_arch(params: Params, layout: Layout, fresh_zip: bool) -> list[dict[str, 
         if not layout.metrics(depth).exists():
             run_evaluate(params, layout, depth)
         row = json.loads(layout.metrics(depth).read_text())
-        curves = json.loads(layout.curves(depth).read_text())
-        row["steps"] = len(curves["loss"])
         log.info("%s depth %d: worst drop %.2f pp after %d steps (%.0f s)", params.teachers.arch, depth,
                  row["max_drop_pp"], row["steps"], time.perf_counter() - t0)
         rows.append(row)
@@ -88,13 +90,12 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             cells.append("" if row is None else f"{row['max_drop_pp']:.2f} ({row['steps']})")
         lines.append(f"| {depth} | " + " | ".join(cells) + " |")
     lines += ["", "| arch | teachers (%) | worst drop, any depth (pp) | worst drop, depths 1-3 (pp) | "
-              "total steps | speedup at the deepest depth |", "|---|---|---:|---:|---:|---:|"]
+              "total steps |", "|---|---|---:|---:|---:|"]
     for r in runs:
         rows = r["rows"][1:]
         teachers = " / ".join(f"{100 * a:.2f}" for a in r["rows"][0]["teacher_acc"].values())
         lines.append(f"| {r['arch']} {r['width']:g} | {teachers} | {max(x['max_drop_pp'] for x in rows):.2f} | "
-                     f"{max(x['max_drop_pp'] for x in rows[:3]):.2f} | {sum(x['steps'] for x in rows)} | "
-                     f"{rows[-1]['speedup']:.2f} |")
+                     f"{max(x['max_drop_pp'] for x in rows[:3]):.2f} | {sum(x['steps'] for x in rows)} |")
     lines += ["", f"![worst drop against depth]({path.with_suffix('.png').name})", ""]
     write_text(path, "\n".join(lines))
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--root", default="/tmp/zipper-sweep", help="scratch root, one folder per arch")
     ap.add_argument("--archs", default=ARCHS, help="comma list of arch:width")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
-    ap.add_argument("--fresh-zip", action="store_true", help="recalibrate every depth (keep shards, teachers, cache)")
+    ap.add_argument("--teachers-from", help="another sweep's root: reuse its shards, caches and teachers")
     ap.add_argument("--label", default="default recipe", help="names the run in the table and plot titles")
     ap.add_argument("--out", default="docs/sweep", help="output prefix: writes .json, .md, .png")
     ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json")
@@ -147,7 +148,9 @@ def main(argv: list[str] | None = None) -> None:
         for item in args.archs.split(","):
             arch, _, width = item.partition(":")
             params = arch_params(args.params, arch, float(width or 1.0), overrides)
-            rows = run_arch(params, Layout(Path(args.root) / f"{arch}-{width}"), args.fresh_zip)
+            folder = f"{arch}-{width}"
+            rows = run_arch(params, Layout(Path(args.root) / folder),
+                            Layout(Path(args.teachers_from) / folder) if args.teachers_from else None)
             runs.append({"arch": arch, "width": params.teachers.width, "rows": rows})
         assert params is not None
         command = " ".join([".venv/bin/python", "benchmarks/sweep_archs.py",
