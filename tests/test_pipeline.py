@@ -44,7 +44,12 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     assert set(summary["depth_3"]) == {"worst_drop", "acc_shapes", "acc_textures", "speedup", "macs_ratio"}
     shown = json.loads(run_ok(project, "dvc", "metrics", "show", "--json"))
     assert list(next(iter(shown.values()))["data"]) == ["reports/summary.json"]  # the one metrics file
-    assert (project / "reports/accuracy.png").stat().st_size > 1000
+    for figure in ("accuracy", "ratios"):
+        assert (project / f"reports/{figure}.png").stat().st_size > 1000
+        assert "<svg" in (project / f"reports/{figure}.svg").read_text()
+    depth_rows = json.loads((project / "reports/depths.json").read_text())
+    teacher = summary["teacher_acc"]["shapes"]  # rounded to 0.01 point there
+    assert all(row["teacher_shapes"] == pytest.approx(teacher, abs=0.005) for row in depth_rows)
     summary = json.loads((project / "reports/mlflow.json").read_text())
     client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"], registry_uri=summary["tracking_uri"])
     assert summary["tracking_uri"] == f"sqlite:///{project.resolve() / 'mlflow.db'}"

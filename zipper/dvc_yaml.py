@@ -11,7 +11,7 @@ from typing import Any
 import yaml
 
 from .config import Params
-from .graph import COMMITTED, DEPTHS, STAGES, SUMMARY, Stage, imported_files
+from .graph import COMMITTED, DEPTHS, PLOTS, STAGES, SUMMARY, Stage, imported_files
 
 HEADER = """\
 # The zippering pipeline: one `zipper <stage>` command per stage (the logic lives in zipper/stages.py).
@@ -58,13 +58,18 @@ def _stage_entry(s: Stage, params: Params) -> dict[str, Any]:
 
 
 def _plots(params: Params) -> list[dict[str, Any]]:
-    """The accuracy and savings over depth, drawn by `dvc plots show` from the report's per-depth rows."""
+    """The accuracy and savings over depth, drawn by `dvc plots show` from the report's per-depth rows,
+    and the report's own figures."""
     def plot(title: str, columns: list[str], y_label: str) -> dict[str, Any]:
         return {title: {"template": "linear", "x": "depth", "y": {DEPTHS: columns},
                         "x_label": "shared blocks (depth)", "y_label": y_label}}
 
-    return [plot("accuracy over depth", [f"acc_{t}" for t in params.tasks], "top-1 accuracy (%)"),
-            plot("savings over depth", ["speedup", "comp_params", "memory_comp"], "teachers / zipper (x)")]
+    tasks = params.tasks
+    return [plot("accuracy over depth", [*(f"acc_{t}" for t in tasks), *(f"teacher_{t}" for t in tasks)],
+                 "top-1 accuracy (%)"),
+            plot("savings over depth", ["speedup", "macs_ratio", "comp_params", "memory_comp"],
+                 "teachers / zipper (x)"),
+            *PLOTS]  # the report's figures, as image plots
 
 
 def render(params: Params) -> str:

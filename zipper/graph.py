@@ -24,7 +24,8 @@ METRICS = "metrics/depth_{depth}.json"
 REPORTS = "reports"
 TABLE, SUMMARY, DEPTHS, ACCURACY_PLOT, RATIOS_PLOT = (
     f"{REPORTS}/{name}" for name in ("table.md", "summary.json", "depths.json", "accuracy.png", "ratios.png"))
-REPORT_FILES = (TABLE, SUMMARY, DEPTHS, ACCURACY_PLOT, RATIOS_PLOT)
+PLOTS = (ACCURACY_PLOT, RATIOS_PLOT)  # each also as .svg beside it
+REPORT_FILES = (TABLE, SUMMARY, DEPTHS, *PLOTS, *(p.replace(".png", ".svg") for p in PLOTS))
 MLFLOW_RUNS = f"{REPORTS}/mlflow.json"  # run ids of this machine's MLflow store: not committed
 COMMITTED = (TEACHER_METRICS, METRICS, *REPORT_FILES)  # small outputs that live in git, not the DVC cache
 

@@ -6,6 +6,8 @@ from typing import Any, Sequence
 
 from .io import atomic_path, write_json, write_text
 
+FIGSIZE, DPI = (9, 4.5), 150  # inches, dots per inch: 1350 px wide before the legend beside it
+
 
 def flat_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> list[dict[str, Any]]:
     """One flat record per depth (what `dvc plots` and the table read)."""
@@ -17,6 +19,7 @@ def flat_rows(rows: Sequence[dict[str, Any]], tasks: Sequence[str]) -> list[dict
         for t in tasks:
             flat[f"acc_{t}"] = 100 * r["acc"][t]
             flat[f"drop_{t}"] = r["drop_pp"][t]
+            flat[f"teacher_{t}"] = 100 * r["teacher_acc"][t]  # a flat reference line in `dvc plots`
         out.append(flat)
     return out
 
@@ -56,7 +59,7 @@ def plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], out_dir: Path) ->
 
     flat = flat_rows(rows, tasks)
     depths = [r["depth"] for r in flat]
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = plt.subplots(figsize=FIGSIZE)
     for t in tasks:
         line, = ax.plot(depths, [r[f"acc_{t}"] for r in flat], marker="o", label=f"{t} (zipper)")
         ax.axhline(100 * rows[0]["teacher_acc"][t], ls=":", color=line.get_color(), label=f"{t} (teacher)")
@@ -69,22 +72,26 @@ def plot(rows: Sequence[dict[str, Any]], tasks: Sequence[str], out_dir: Path) ->
     ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.15), ncol=3, fontsize=8)
     paths = [_save(fig, out_dir / "accuracy.png")]
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for key, label in [("speedup", "speedup"), ("comp_params", "compression (params)"),
+    fig, ax = plt.subplots(figsize=FIGSIZE)
+    for key, label in [("speedup", "speedup"), ("macs_ratio", "MACs ratio"), ("comp_params", "compression (params)"),
                        ("comp_conv", "compression (conv weights)"), ("memory_comp", "runtime memory")]:
         if all(r[key] is not None for r in flat):
             ax.plot(depths, [r[key] for r in flat], marker="o", label=label)
     ax.set(xlabel="shared blocks (depth)", ylabel="teachers / zipper (x)", title="Savings over zipper depth")
-    ax.legend(fontsize=8)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8)  # beside the axes, never on a point
     paths.append(_save(fig, out_dir / "ratios.png"))
     return paths
 
 
 def _save(fig, path: Path) -> Path:
+    """PNG (>= 1200 px wide) and SVG beside it; the same bytes for the same rows (no dates, fixed SVG ids)."""
     import matplotlib.pyplot as plt
 
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=100, bbox_inches="tight")
+    with plt.rc_context({"svg.hashsalt": "zipper"}):
+        for fmt in ("png", "svg"):
+            with atomic_path(path.with_suffix(f".{fmt}")) as tmp:
+                fig.savefig(tmp, format=fmt, dpi=DPI, bbox_inches="tight",
+                            metadata={"Date": None} if fmt == "svg" else {})
     plt.close(fig)
     return path
 
