@@ -59,7 +59,7 @@ def test_bad_params_name_the_key(tmp_path, mutate, match):
 
 
 def test_every_range_names_a_numeric_setting():
-    params = load_params(TINY, {"calibrate.until": {}})  # the optional section, at its defaults
+    params = load_params(TINY, {"calibrate.until": {}, "data.holdout": 0.2})  # the optional section, at its defaults
     for key in RANGES:
         assert isinstance(param_value(params, key), (int, float)), key
 

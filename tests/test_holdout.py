@@ -16,9 +16,10 @@ from zipper.data.shards import EpochStream, shard_urls
 from zipper.data.shards import read_shard as _read_shard
 from zipper.graph import Layout
 from zipper.merge import load as load_zipper
-from zipper.stages import run_evaluate, run_zip
+from zipper.stages import run_evaluate, run_features, run_teachers, run_zip
+from zipper.teachers import load_teacher
 
-UNTIL = {"max_drop_pp": 0.5, "check_every": 4, "holdout": 0.25}
+HOLDOUT = {"data.holdout": 0.25, "calibrate.until": {"max_drop_pp": 0.5, "check_every": 4}, "calibrate.steps": 40}
 
 
 def test_the_held_out_split_is_a_stable_fraction_of_keys():
@@ -44,22 +45,22 @@ def test_the_training_stream_leaves_the_held_out_samples_out(dvc_project):
 
 @pytest.fixture
 def zip_root(dvc_project, tmp_path) -> tuple[Path, Layout]:
-    """A root holding the tiny project's shards, teachers, feature caches and depth 0, nothing else."""
-    src, dst = Layout(dvc_project), Layout(tmp_path)
+    """The tiny project's shards under a new root, with teachers, feature caches and depth 0 made there
+    with a quarter of the train samples held out."""
+    src, layout = Layout(dvc_project), Layout(tmp_path)
     for task in ("shapes", "textures"):
-        for made in (src.shards(task), src.features(task)):
-            shutil.copytree(made, tmp_path / made.relative_to(dvc_project))
-        dst.teacher(task).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src.teacher(task), dst.teacher(task))
-    for made in (src.teacher_metrics, src.zipped(0), src.curves(0), src.metrics(0)):
-        (tmp_path / made.relative_to(dvc_project)).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(made, tmp_path / made.relative_to(dvc_project))
-    return tmp_path, dst
+        shutil.copytree(src.shards(task), layout.shards(task))
+    params = load_params(dvc_project / "params.yaml", HOLDOUT)
+    run_teachers(params, layout)
+    run_features(params, layout)
+    run_zip(params, layout, 0)
+    run_evaluate(params, layout, 0)
+    return tmp_path, layout
 
 
 def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, dvc_project, monkeypatch):
     root, layout = zip_root
-    params = load_params(dvc_project / "params.yaml", {"calibrate.until": UNTIL, "calibrate.steps": 40})
+    params = load_params(dvc_project / "params.yaml", HOLDOUT)
     read = []
     monkeypatch.setattr(shards_module, "read_shard", lambda url, **kw: read.append(url) or _read_shard(url, **kw))
     run_zip(params, layout, 1)
@@ -73,6 +74,7 @@ def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zi
     assert [c["stop"] for c in checks[:-1]] == [None] * (len(checks) - 1)
     assert len(curves["loss"]) == (checks[-1]["step"] if checks[-1]["stop"] else 40)
     provenance = load_zipper(layout.zipped(1)).provenance
+    assert all(load_teacher(layout.teacher(t))[1]["provenance"]["data.holdout"] == 0.25 for t in params.tasks)
     for task in params.tasks:
         held = provenance["holdout_keys"][task]
         train = {s["__key__"] for s in iter_samples(layout.shards(task), "train")}

@@ -96,6 +96,25 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
         assert got.shape == (3, len(classes[t])) and np.allclose(got, expected[t].softmax(1).numpy(), atol=1e-6)
 
 
+def test_export_writes_the_champion_as_onnx_that_matches_pytorch(project, tmp_path):
+    import onnxruntime
+
+    def export(*args: str) -> dict:
+        proc = subprocess.run(["zipper", "export", *args], cwd=project, env=cli_env(), capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return json.loads(proc.stdout)
+
+    champion = export()  # depth 2, promoted above: its checkpoint comes from the registry
+    assert champion["depth"] == 2 and champion["onnx"] == str((project / "models/onnx/depth_2.onnx").resolve())
+    assert max(champion["max_abs_diff"].values()) < 1e-3
+    named = export("--depth", "2", "--onnx", str(tmp_path / "d2.onnx"))
+    images = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
+    outputs = [onnxruntime.InferenceSession(path).run(None, {"images": images})
+               for path in (champion["onnx"], named["onnx"])]
+    assert [o.name for o in onnxruntime.InferenceSession(named["onnx"]).get_outputs()] == ["shapes", "textures"]
+    assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(*outputs))  # the registry's checkpoint is the file's
+
+
 def test_second_repro_runs_nothing(project):
     out = run_ok(project, "dvc", "repro")
     assert stages_ran(out) == set(), out

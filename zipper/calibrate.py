@@ -37,12 +37,11 @@ RECOVERED_PP = 1.0  # "recovered": every task within this many points of its tea
 @dataclass(frozen=True)
 class UntilConfig:
     """Stop a depth's calibration early: checked every `check_every` steps on the held-out split
-    (`holdout` of each task's train samples, never trained on; `zipper.data.holdout`)."""
+    (`data.holdout` of each task's train samples, on which neither teachers nor calibration train)."""
     max_drop_pp: float = 0.5  # stop once every task is within this many points of its teacher
     check_every: int = 25
     plateau: float = 0.02  # or once the loss of the last check_every steps fell less than this fraction (0: off)
-    holdout: float = 0.1
-    holdout_samples: int = 512  # per task, evaluated at each check
+    holdout_samples: int = 1024  # at most this many per task, evaluated at each check
 
 
 @dataclass(frozen=True)

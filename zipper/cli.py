@@ -106,6 +106,22 @@ def _promote(args: argparse.Namespace) -> None:
     print(json.dumps(promote(_params(args), args.root, max_drop=args.max_drop, depth=args.depth), indent=2))
 
 
+def _export(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from .export import export
+    from .tracking import download_champion
+
+    layout = _layout(args)
+    with tempfile.TemporaryDirectory() as tmp:
+        depth, checkpoint = ((args.depth, layout.zipped(args.depth)) if args.depth is not None
+                             else download_champion(_params(args), args.root, tmp))
+        if not Path(checkpoint).is_file():
+            raise FileNotFoundError(f"no checkpoint for depth {depth}: {checkpoint} (run its zip stage)")
+        out = args.onnx or layout.root / "models" / "onnx" / f"depth_{depth}.onnx"
+        print(json.dumps({"depth": depth, **export(checkpoint, out)}, indent=2))
+
+
 def _dvc_yaml(args: argparse.Namespace) -> None:
     from .dvc_yaml import render
 
@@ -204,6 +220,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="deepest depth whose worst per-task drop <= PCT points")
     choice.add_argument("--depth", type=int, metavar="K")
     p.set_defaults(func=_promote)
+
+    p = sub.add_parser("export", parents=[common], help="one depth as ONNX (one output per task), checked against "
+                       "PyTorch; default: the @champion version's own checkpoint")
+    p.add_argument("--depth", type=int, metavar="K", help="the calibrated depth under --root instead of the champion")
+    p.add_argument("--onnx", metavar="PATH", help="output file (default: models/onnx/depth_<K>.onnx under --root)")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser("dvc-yaml", parents=[common], help="print dvc.yaml as the stage graph and params make it "
                        "(zipper dvc-yaml > dvc.yaml after changing the tasks or imported teachers)")

@@ -31,6 +31,7 @@ class DataConfig:
     tasks: dict[str, dict[str, Any]]  # task name -> source spec (see zipper.data.write_shards)
     maxcount: int = 1000  # samples per shard
     on_bad_sample: str = "error"  # or "skip"
+    holdout: float = 0.0  # fraction of each task's train samples no stage trains on (what calibrate.until checks)
 
     def __post_init__(self) -> None:
         if len(self.tasks) < 2:
@@ -139,6 +140,9 @@ class Params:
             raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task "
                              f"(tasks: {', '.join(self.data.tasks)})")
         self._check_chain_fits()
+        if self.calibrate.until is not None and not self.data.holdout:
+            raise ValueError("calibrate.until: stops on the held-out split, but data.holdout is 0; hold out a "
+                             "fraction of the train samples (e.g. data.holdout: 0.2)")
 
     def _check_chain_fits(self) -> None:
         """The deepest depth of the chain must exist in the architecture: found now, not after hours of
@@ -164,7 +168,7 @@ class Params:
 # Every numeric setting's valid range, as an interval: checked when params.yaml is loaded, so a bad
 # value fails before any stage runs rather than as a traceback (or a silent NaN) hours later.
 RANGES: dict[str, str] = {
-    "data.maxcount": "[1, inf)",
+    "data.maxcount": "[1, inf)", "data.holdout": "[0, 1)",
     "teachers.width": "(0, inf)", "teachers.input_size": "[8, inf)", "teachers.steps": "[1, inf)",
     "teachers.batch_size": "[1, inf)", "teachers.lr": "(0, inf)", "teachers.weight_decay": "[0, inf)",
     "teachers.momentum": "[0, 1)", "teachers.label_smoothing": "[0, 1)",
@@ -176,8 +180,7 @@ RANGES: dict[str, str] = {
     "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)",
     "calibrate.checkpoint_every": "[1, inf)",
     "calibrate.until.max_drop_pp": "[0, inf)", "calibrate.until.check_every": "[1, inf)",
-    "calibrate.until.plateau": "[0, 1)", "calibrate.until.holdout": "(0, 1)",
-    "calibrate.until.holdout_samples": "[1, inf)",
+    "calibrate.until.plateau": "[0, 1)", "calibrate.until.holdout_samples": "[1, inf)",
     "evaluate.batch_size": "[1, inf)", "evaluate.latency_repeats": "[1, inf)", "evaluate.threads": "[1, inf)",
     "runtime.num_workers": "[0, inf)", "runtime.threads": "[0, inf)", "runtime.nproc_per_node": "[1, inf)",
 }

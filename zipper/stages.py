@@ -62,13 +62,14 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
                                            input_size=cfg.input_size, steps=cfg.steps, batch_size=cfg.batch_size,
                                            lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum,
                                            seed=cfg.seed + params.tasks.index(task), augment=cfg.augment,
-                                           label_smoothing=cfg.label_smoothing, runtime=runtime)
+                                           label_smoothing=cfg.label_smoothing, runtime=runtime,
+                                           skip=held_out_split(params))
             origin = {}
         accs[task] = acc
         if not runtime.is_main:
             continue
         save_teacher(model, layout.teacher(task), task=task, classes=classes, val_acc=acc, provenance={
-            "params.teachers": params.section_hash("teachers"),
+            "params.teachers": params.section_hash("teachers"), "data.holdout": params.data.holdout,
             "shards_manifest_sha256": sha256_file(layout.shards(task) / "manifest.json"), **origin})
         log.info("teacher %s: val accuracy %.2f%%", task, 100 * acc)
     if runtime.is_main:
@@ -147,11 +148,11 @@ def calibration_streams(params: Params, layout: Layout, seed: int, runtime: Runt
 
 
 def held_out_split(params: Params) -> Any:
-    """Which train samples calibration holds out to decide when to stop (None: it does not stop early)."""
+    """Which train samples no stage trains on (`data.holdout`; None: none), so that calibration can stop on
+    them (`calibrate.until`) as on unseen data."""
     from .data.holdout import HeldOut
 
-    until = params.calibrate.until
-    return None if until is None else HeldOut(until.holdout)
+    return HeldOut(params.data.holdout) if params.data.holdout else None
 
 
 def held_out_drop(params: Params, layout: Layout, teachers: Mapping[str, Any], runtime: Runtime

@@ -42,10 +42,12 @@ def lr_at(step: int, steps: int, lr: float) -> float:
 def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, input_size: int, steps: int,
                   batch_size: int, lr: float, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
                   augment: bool = True, label_smoothing: float = 0.0, runtime: Runtime = CPU,
-                  on_step: Callable[[int, Backbone], None] | None = None) -> tuple[Backbone, float]:
+                  on_step: Callable[[int, Backbone], None] | None = None,
+                  skip: Callable[[str], bool] | None = None) -> tuple[Backbone, float]:
     """Train `arch` from scratch on the shards' train split (SGD + Nesterov, warm-up + cosine LR) on
     `runtime`'s device and precision; data-parallel under torch.distributed (`batch_size` is global).
-    `on_step(steps_done, model)` runs after every step (as `calibrate`'s does).
+    `on_step(steps_done, model)` runs after every step (as `calibrate`'s does); `skip(key)` leaves a
+    train sample out (the held-out split).
 
     Returns the model (eval mode, on the CPU) and its top-1 accuracy on the val split.
     """
@@ -63,7 +65,7 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     scaler = runtime.grad_scaler()
     batches = train_batches(shard_dir, input_size=input_size, batch_size=batch_size, augment=augment, seed=seed,
                             num_workers=runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size,
-                            pin_memory=runtime.pin_memory)
+                            pin_memory=runtime.pin_memory, skip=skip)
     model.train()
     t0 = time.perf_counter()
     bar = tqdm(range(steps), desc=f"teacher {manifest['task']}", unit="step", mininterval=5,

@@ -223,6 +223,21 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None,
     return result
 
 
+def download_champion(params: Params, root: str | Path, dst: str | Path) -> tuple[int, Path]:
+    """The `champion` version's depth and its own checkpoint file, downloaded from the registry into `dst`."""
+    import mlflow
+
+    client = connect(params.tracking, Path(root))
+    name = params.tracking.registered_model
+    try:
+        version = client.get_model_version_by_alias(name, ALIAS)
+    except mlflow.exceptions.MlflowException:
+        raise ValueError(f"registered model {name!r} has no @{ALIAS} version yet: run `zipper promote` "
+                         "first, or name a depth (--depth K)") from None
+    model = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{ALIAS}", dst_path=str(dst)))
+    return int(version.tags["depth"]), next(model.glob("artifacts/*.pt"))
+
+
 def _latest_complete_pipeline_run(client, versions) -> str:
     """The newest pipeline run (by its versions) that finished registering every depth: an interrupted
     one (RUNNING, or FAILED by the next run) may lack depths or tags."""

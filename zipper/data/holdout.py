@@ -1,7 +1,8 @@
 """The held-out calibration split: a fixed fraction of each task's train samples, chosen by key.
 
-Calibration with a stopping rule (`calibrate.until`) never trains on these samples and measures its
-progress on them, so the val split stays unseen until evaluation reports it. Membership depends on
+Neither the teachers nor calibration train on these samples (`data.holdout`), so calibration with a
+stopping rule (`calibrate.until`) measures student and teachers alike on unseen data, and the val
+split stays unread until evaluation reports it. Membership depends on
 the sample key alone (a hash), not on shard layout, stream order, rank or worker: every process and
 every rerun agrees on it, and the training stream can drop the samples wherever it reads them.
 """
@@ -48,5 +49,5 @@ def holdout_batches(shard_dir: str | os.PathLike, held_out: HeldOut, *, input_si
         batches.append(collate(batch))
     if not keys:
         raise ValueError(f"{shard_dir}: no train sample falls in the held-out split (fraction "
-                         f"{held_out.fraction}); raise calibrate.until.holdout")
+                         f"{held_out.fraction}); raise data.holdout")
     return batches, keys
