@@ -16,9 +16,10 @@ from zipper.data.shards import EpochStream, shard_urls
 from zipper.data.shards import read_shard as _read_shard
 from zipper.graph import Layout
 from zipper.merge import load as load_zipper
-from zipper.stages import run_evaluate, run_features, run_teachers, run_zip
+from zipper.stages import run_data, run_evaluate, run_features, run_teachers, run_zip
 from zipper.teachers import load_teacher
 
+TINY = Path(__file__).parent / "fixtures" / "params.tiny.yaml"
 HOLDOUT = {"data.holdout": 0.25, "calibrate.until": {"max_drop_pp": 0.5, "check_every": 4}, "calibrate.steps": 40}
 
 
@@ -32,8 +33,16 @@ def test_the_held_out_split_is_a_stable_fraction_of_keys():
         HeldOut(1.0)
 
 
-def test_the_training_stream_leaves_the_held_out_samples_out(dvc_project):
-    shards = Layout(dvc_project).shards("shapes")
+@pytest.fixture(scope="module")
+def tiny_shards(tmp_path_factory) -> Layout:
+    """The tiny params' shards, written once for this module."""
+    layout = Layout(tmp_path_factory.mktemp("holdout-shards"))
+    run_data(load_params(TINY), layout)
+    return layout
+
+
+def test_the_training_stream_leaves_the_held_out_samples_out(tiny_shards):
+    shards = tiny_shards.shards("shapes")
     urls = shard_urls(shards, read_manifest(shards), "train")
     held_out = HeldOut(0.25)
     stream = EpochStream(urls, lambda s: s["__key__"], list, seed=0, batch_size=32, skip=held_out)
@@ -44,13 +53,13 @@ def test_the_training_stream_leaves_the_held_out_samples_out(dvc_project):
 
 
 @pytest.fixture
-def zip_root(dvc_project, tmp_path) -> tuple[Path, Layout]:
-    """The tiny project's shards under a new root, with teachers, feature caches and depth 0 made there
-    with a quarter of the train samples held out."""
-    src, layout = Layout(dvc_project), Layout(tmp_path)
+def zip_root(tiny_shards, tmp_path) -> tuple[Path, Layout]:
+    """The tiny shards under a new root, with teachers, feature caches and depth 0 made there with a
+    quarter of the train samples held out."""
+    layout = Layout(tmp_path)
     for task in ("shapes", "textures"):
-        shutil.copytree(src.shards(task), layout.shards(task))
-    params = load_params(dvc_project / "params.yaml", HOLDOUT)
+        shutil.copytree(tiny_shards.shards(task), layout.shards(task))
+    params = load_params(TINY, HOLDOUT)
     run_teachers(params, layout)
     run_features(params, layout)
     run_zip(params, layout, 0)
@@ -58,9 +67,9 @@ def zip_root(dvc_project, tmp_path) -> tuple[Path, Layout]:
     return tmp_path, layout
 
 
-def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, dvc_project, monkeypatch):
+def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, monkeypatch):
     root, layout = zip_root
-    params = load_params(dvc_project / "params.yaml", HOLDOUT)
+    params = load_params(TINY, HOLDOUT)
     read = []
     monkeypatch.setattr(shards_module, "read_shard", lambda url, **kw: read.append(url) or _read_shard(url, **kw))
     run_zip(params, layout, 1)
