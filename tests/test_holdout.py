@@ -68,7 +68,7 @@ def zip_root(tiny_shards, tmp_path) -> tuple[Path, Layout]:
 
 
 def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, monkeypatch):
-    root, layout = zip_root
+    _, layout = zip_root
     params = load_params(TINY, HOLDOUT)
     read = []
     monkeypatch.setattr(shards_module, "read_shard", lambda url, **kw: read.append(url) or _read_shard(url, **kw))
