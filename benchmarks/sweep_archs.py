@@ -30,6 +30,7 @@ from zipper.config import Params, load_params, parse_overrides
 from zipper.graph import Layout
 from zipper.io import atomic_path, write_json, write_text
 from zipper.models import build_model
+from zipper.runtime import set_threads
 from zipper.stages import run_data, run_evaluate, run_features, run_teachers, run_zip
 
 log = logging.getLogger("sweep_archs")
@@ -45,6 +46,7 @@ def arch_params(path: str, arch: str, width: float, overrides: dict[str, Any]) -
 def run_arch(params: Params, layout: Layout, teachers_from: Layout | None) -> list[dict[str, Any]]:
     """The chain of one arch, every stage skipped whose output is already there."""
     tasks = params.tasks
+    set_threads(params.runtime.threads)  # as `zipper <stage>` does
     if teachers_from is not None and not (layout.root / "data").exists():
         layout.root.mkdir(parents=True, exist_ok=True)
         (layout.root / "data").symlink_to((teachers_from.root / "data").resolve(), target_is_directory=True)
