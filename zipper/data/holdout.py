@@ -2,9 +2,9 @@
 
 Neither the teachers nor calibration train on these samples (`data.holdout`), so calibration with a
 stopping rule (`calibrate.until`) measures student and teachers alike on unseen data, and the val
-split stays unread until evaluation reports it. Membership depends on
-the sample key alone (a hash), not on shard layout, stream order, rank or worker: every process and
-every rerun agrees on it, and the training stream can drop the samples wherever it reads them.
+split stays unread until evaluation reports it. Membership depends on the sample key alone (a hash),
+not on shard layout, stream order, rank or worker: every process and every rerun agrees on it, and
+the training stream can drop the samples wherever it reads them.
 """
 from __future__ import annotations
 
