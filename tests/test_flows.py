@@ -188,6 +188,13 @@ def test_flow_writes_what_dvc_writes(resumed):
     summary = json.loads((layout.reports / "mlflow.json").read_text())
     assert summary["tracking_uri"] == f"sqlite:///{root.resolve() / 'mlflow.db'}"
     assert summary == resumed["result"]["register"]
+    from mlflow import MlflowClient
+    from prefect.client.orchestration import get_client
+
+    tags = MlflowClient(summary["tracking_uri"], summary["tracking_uri"]).get_run(summary["parent_run_id"]).data.tags
+    with get_client(sync_client=True) as client:  # the MLflow run names the flow run that registered it
+        runs = {str(r.id) for r in client.read_flow_runs() if r.parameters.get("root") == str(root.resolve())}
+    assert tags["zipper.prefect_flow_run_id"] in runs
     assert [row["depth"] for row in resumed["result"]["depths"]] == [0, 1, 2, 3]
 
 

@@ -8,6 +8,9 @@ import fcntl
 import json
 import logging
 import os
+import shutil
+import subprocess
+import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -16,6 +19,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Params, TrackingConfig
+from .io import sha256_json
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +109,8 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     summary: dict[str, Any] = {"tracking_uri": redacted(params.tracking.tracking_uri(root)), "registered_model": name,
                                "depths": {}}
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"zipper {'+'.join(params.tasks)}",
-                                                                tags={ROOT_TAG: str(root)}) as parent:
+                                                                tags={ROOT_TAG: str(root), **_made_by(params, root)}
+                                                                ) as parent:
         summary["parent_run_id"] = parent.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(asdict(params)).items()})
         mlflow.log_metrics({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()})
@@ -175,6 +180,29 @@ def fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
         for run in [*children, parent]:
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         log.warning("MLflow run %s (a pipeline run of %s) was interrupted; marked FAILED", parent.info.run_id, root)
+
+
+def _made_by(params: Params, root: Path) -> dict[str, str]:
+    """Tags that link a pipeline run to what made it: the project's git commit and whether its tracked files
+    had changes, the params' hash, and the DVC experiment or Prefect flow run that ran it, if any."""
+    tags = {"zipper.params_sha256": sha256_json(asdict(params))}
+    def git(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
+
+    commit = git("rev-parse", "HEAD") if shutil.which("git") else None
+    if commit is not None and commit.returncode == 0:
+        changes = git("status", "--porcelain", "--untracked-files=no").stdout.strip()
+        tags.update({"mlflow.source.git.commit": commit.stdout.strip(), "zipper.git_dirty": str(bool(changes)).lower()})
+    if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
+        tags["zipper.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
+    if "prefect" in sys.modules:  # registering inside a flow run (never imported for DVC's stage commands)
+        from prefect.runtime import flow_run
+
+        if flow_run.id:
+            tags["zipper.prefect_flow_run_id"] = str(flow_run.id)
+        if flow_run.id and flow_run.ui_url:  # a server with a UI
+            tags["zipper.prefect_flow_run_url"] = str(flow_run.ui_url)
+    return tags
 
 
 def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
