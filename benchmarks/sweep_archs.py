@@ -8,7 +8,7 @@ reused, so a killed sweep resumes. `--teachers-from` another sweep's root reuses
 caches (linked) and teachers (copied): a second recipe is compared on the same teachers.
 
     .venv/bin/python benchmarks/sweep_archs.py [--params params.yaml] [--root /tmp/zipper-sweep]
-        [--archs mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5]
+        [--archs mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5[:KEY=VALUE]]
         [--set KEY=VALUE ...] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep]
 
 Writes `<out>.json` (every row), `<out>.md` (tables + the command) and `<out>.png` (worst drop and
@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--root", default="/tmp/zipper-sweep", help="scratch root, one folder per arch")
-    ap.add_argument("--archs", default=ARCHS, help="comma list of arch:width")
+    ap.add_argument("--archs", default=ARCHS, help="comma list of arch:width[:KEY=VALUE...], the settings for that "
+                    "arch alone (e.g. mobilenet_v3_small:1.0:teachers.lr=0.1)")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
     ap.add_argument("--teachers-from", help="another sweep's root: reuse its shards, caches and teachers")
     ap.add_argument("--label", default="default recipe", help="names the run in the table and plot titles")
@@ -148,8 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides = parse_overrides(args.set)
         runs, params = [], None
         for item in args.archs.split(","):
-            arch, _, width = item.partition(":")
-            params = arch_params(args.params, arch, float(width or 1.0), overrides)
+            arch, width, *arch_sets = item.split(":")
+            params = arch_params(args.params, arch, float(width), {**overrides, **parse_overrides(arch_sets)})
             folder = f"{arch}-{width}"
             rows = run_arch(params, Layout(Path(args.root) / folder),
                             Layout(Path(args.teachers_from) / folder) if args.teachers_from else None)
