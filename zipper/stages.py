@@ -36,6 +36,7 @@ def run_data(params: Params, layout: Layout, tasks: list[str] | None = None) -> 
 
 
 # ------------------------------------------------------------------------------------- teachers
+NEAR_CHANCE = 1.5  # a teacher below this many times chance accuracy learnt (next to) nothing
 def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None) -> dict[str, float]:
     """Train (or import) one teacher per task; writes checkpoints and their val accuracies."""
     from .data import read_manifest, val_batches
@@ -72,6 +73,9 @@ def run_teachers(params: Params, layout: Layout, tasks: list[str] | None = None)
             "params.teachers": params.section_hash("teachers"), "data.holdout": params.data.holdout,
             "shards_manifest_sha256": sha256_file(layout.shards(task) / "manifest.json"), **origin})
         log.info("teacher %s: val accuracy %.2f%%", task, 100 * acc)
+        if acc < NEAR_CHANCE / len(classes):  # e.g. a learning rate too high for the arch: nothing to zip
+            log.warning("teacher %s: val accuracy %.2f%% is near chance (%d classes): its training failed; try a "
+                        "lower teachers.lr", task, 100 * acc, len(classes))
     if runtime.is_main:
         _update_json(layout.teacher_metrics, {t: {"val_acc": a} for t, a in accs.items()})
     return accs
