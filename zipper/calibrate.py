@@ -40,7 +40,9 @@ class UntilConfig:
     (`data.holdout` of each task's train samples, on which neither teachers nor calibration train)."""
     max_drop_pp: float = 0.5  # stop once every task is within this many points of its teacher
     check_every: int = 25
-    plateau: float = 0.02  # or once the loss of the last check_every steps fell less than this fraction (0: off)
+    # or once the loss of the last check_every steps fell less than this fraction; off (0) by default: stopped
+    # mid-schedule, at a still high learning rate, depths ended worse (docs/adaptive.md)
+    plateau: float = 0.0
     holdout_samples: int = 1024  # at most this many per task, evaluated at each check
 
 
