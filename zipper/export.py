@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .data import normalise
-from .io import sha256_file
+from .io import atomic_path, sha256_file
 from .merge import load
 
 log = logging.getLogger(__name__)
@@ -27,20 +27,19 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
 
     net = load(checkpoint).eval()
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    net.export_onnx(out)
     size = net.spec.input_size
     images = normalise(np.random.default_rng(0).integers(0, 256, (CHECK_IMAGES, size, size, 3), dtype=np.uint8))
     with torch.no_grad():
         expected = net(images)
-    session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": images.numpy()})))
-    diff = {t: float(np.abs(got[t] - expected[t].numpy()).max()) for t in net.spec.task_names}
-    worst = max(diff.values())
-    if worst > TOLERANCE:
-        out.unlink()
-        raise ValueError(f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by up to {worst:.2e} "
-                         f"(per task: {diff}); nothing written")
+    with atomic_path(out) as tmp:  # a file already at `out` stays unless the new graph passes
+        net.export_onnx(tmp)
+        session = onnxruntime.InferenceSession(str(tmp), providers=["CPUExecutionProvider"])
+        got = dict(zip([o.name for o in session.get_outputs()], session.run(None, {"images": images.numpy()})))
+        diff = {t: float(np.abs(got[t] - expected[t].numpy()).max()) for t in net.spec.task_names}
+        worst = max(diff.values())
+        if worst > TOLERANCE:
+            raise ValueError(f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by up to {worst:.2e} "
+                             f"(per task: {diff}); nothing written")
     log.info("exported %s to %s (largest logit difference to PyTorch %.1e)", checkpoint, out, worst)
     return {"checkpoint": str(checkpoint), "onnx": str(out.resolve()), "sha256": sha256_file(out),
             "tasks": net.spec.task_names, "max_abs_diff": diff,
