@@ -16,16 +16,17 @@ UV_INDEXES := --index-strategy unsafe-best-match $(foreach index,$(PIP_INDEXES),
 
 # requirements.lock pins every package of the stack (resolved for Linux x86-64, Python 3.11); the install
 # takes exactly those versions. After changing a dependency in pyproject.toml: `make lock`.
-$(VENV)/.installed: pyproject.toml requirements.lock
+$(VENV)/bin/uv:
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(UV)
+
+$(VENV)/.installed: pyproject.toml requirements.lock $(VENV)/bin/uv
 	$(VENV)/bin/uv pip install -q --python $(PY) --compile-bytecode $(UV_INDEXES) -r requirements.lock -e '.[dev]'
 	touch $@
 
 install: $(VENV)/.installed
 
-lock:
-	test -x $(VENV)/bin/uv || { test -d $(VENV) || $(PYTHON) -m venv $(VENV); $(PY) -m pip install -q $(UV); }
+lock: $(VENV)/bin/uv
 	printf '%s\n' $(TORCH) | $(VENV)/bin/uv pip compile -q pyproject.toml - --extra dev $(UV_INDEXES) \
 		--python-version 3.11 --custom-compile-command "make lock" -o requirements.lock
 
