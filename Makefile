@@ -57,6 +57,7 @@ test-isa: install
 
 lint: install
 	$(VENV)/bin/ruff check zipper tests benchmarks
+	$(VENV)/bin/mypy
 
 bench: install
 	$(VENV)/bin/zipper bench table1 --json docs/table1.json

@@ -49,6 +49,7 @@ from zipper.evaluate import accuracy, evaluate_zipper
 from zipper.graph import Layout
 from zipper.io import atomic_path, sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
+from zipper.models import Backbone
 from zipper.stages import calibration_streams, load_teachers, run_data, run_features, run_teachers
 
 log = logging.getLogger("compare_inits")
@@ -78,7 +79,7 @@ def ensure_teachers(params: Params, layout: Layout) -> None:
 
 
 # ------------------------------------------------------------------ calibration with evaluations
-def calibrate_with_evals(net: ZipperNet, teachers: Mapping[str, torch.nn.Module], streams: Mapping[str, Iterator],
+def calibrate_with_evals(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping[str, Iterator],
                          cfg: CalibrateConfig, every: int, evaluate) -> tuple[list, dict]:
     """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps (and the last);
     returns ([(step, {task: acc})...], curves). Evaluation runs in eval mode without gradients, so
@@ -383,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     args = ap.parse_args(argv)
     if args.render_only:
         out = Path(args.out)
-        result = json.loads(out.with_suffix(".json").read_text())
+        result: dict[str, Any] = json.loads(out.with_suffix(".json").read_text())
         write_markdown(out.with_suffix(".md"), result)
         write_plot(out.with_suffix(".png"), result)
         return
@@ -416,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py",
                         *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-    result: dict[str, Any] = {
+    result = {
         "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths, "seeds": seeds,
         "data": ", ".join(f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "
                           f"{sum(len(y) for _, y in val[t])} val, {teachers[t].num_classes} classes)" for t in tasks),

@@ -170,6 +170,7 @@ def _held_root(root: Path) -> subprocess.CompletedProcess:
             "with root_lock(sys.argv[1], 'zipper zip --depth 3'):\n"
             "    print('held', flush=True)\n    time.sleep(120)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None  # stdout=PIPE
     try:
         holder.stdout.readline()
         return zipper(root, "data")

@@ -210,8 +210,9 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
         for steps in sorted({s for s, _ in rows}):
             cells = []
             for t in tasks:
-                r, half = rows.get((steps, t)), rows.get((steps // 2, t)) if steps % 2 == 0 else None
-                cells += [f"{r['acc']:.2f}" if r else "", f"{r['acc'] - half['acc']:+.2f}" if r and half else ""]
+                row, half = rows.get((steps, t)), rows.get((steps // 2, t)) if steps % 2 == 0 else None
+                cells += [f"{row['acc']:.2f}" if row else "",
+                          f"{row['acc'] - half['acc']:+.2f}" if row and half else ""]
             walls = [r["wall_s"] for (s, _), r in rows.items() if s == steps]
             lines.append(f"| {name} | {steps} | " + " | ".join(cells) + f" | {sum(walls) / len(walls):.0f} |")
     for title, varies in (("Seeds (base kernel path)", "seed"), ("Kernel paths (seed %d)" % base_seed, "path")):

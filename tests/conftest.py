@@ -62,6 +62,7 @@ def holding_root(root: Path, command: str):
     code = ("import sys, time\nfrom zipper.locks import root_lock\n"
             "with root_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n")
     holder = subprocess.Popen([sys.executable, "-c", code, str(root), command], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout is not None  # stdout=PIPE
     try:
         assert holder.stdout.readline().strip() == "held"
         yield holder

@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypedDict
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_PYTEST_ARGS = ["-m", "not slow or trains"]
@@ -42,7 +43,17 @@ def kernel_paths(flags: set[str]) -> dict[str, dict[str, str]]:
     return paths
 
 
-def run(name: str, env: dict[str, str], pytest_args: list[str]) -> dict[str, object]:
+class PathRun(TypedDict):
+    """One kernel path's test run: a row of the table."""
+    path: str
+    env: str
+    rc: int
+    passed: int
+    failed: int
+    wall_s: float
+
+
+def run(name: str, env: dict[str, str], pytest_args: list[str]) -> PathRun:
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *pytest_args],
                           cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True)

@@ -89,11 +89,17 @@ def test_count_macs_leaves_the_model_as_it_was(tiny_teachers, scope):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
-def test_latency_ratio_interleaves_and_reports_medians(tiny_teachers):
+def test_latency_ratio_interleaves_and_reports_medians(tiny_teachers) -> None:
     calls: list[str] = []
     a, b = tiny_teachers.values()
-    res = profiling.latency_ratio([lambda x: calls.append("a") or a(x), lambda x: calls.append("b") or b(x)],
-                                 lambda x: calls.append("z") or a(x), torch.randn(1, 3, 32, 32),
+
+    def logged(name: str, model):
+        def run(x):
+            calls.append(name)
+            return model(x)
+        return run
+
+    res = profiling.latency_ratio([logged("a", a), logged("b", b)], logged("z", a), torch.randn(1, 3, 32, 32),
                                  repeats=4, warmup=1, threads=1)
     # warm-up, then baseline/candidate alternating in ABBA order
     assert "".join(calls) == "abz" + "abz" + "zab" + "abz" + "zab"

@@ -22,12 +22,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 from urllib.parse import urlparse
 
 import pytest
 import yaml
 from prefect import flow, task
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import FlowRun, TaskRun
 from prefect.task_runners import ThreadPoolTaskRunner
 
 from zipper import stages
@@ -49,11 +51,14 @@ SMALL = {"zipper.chain": dict(list(_TINY_CHAIN.items())[:1]) if isinstance(_TINY
 
 
 # -------------------------------------------------------------------------------------- helpers
-def _foreach(stage: dict, chain: dict) -> list[tuple[dict, object, callable]]:
+_Expanded = tuple[dict, int | None, Callable[[str], str]]  # (body, depth or None, substitute)
+
+
+def _foreach(stage: dict, chain: dict) -> list[_Expanded]:
     """(body, depth or None, substitute) per expanded dvc.yaml stage: foreach over zipper.chain."""
     if "foreach" not in stage:
         return [(stage, None, lambda s: s)]
-    out = []
+    out: list[_Expanded] = []
     for depth, prev in chain.items():
         def sub(s: str, d=depth, p=prev) -> str:
             return s.replace("${key}", str(d)).replace("${item}", str(p))
@@ -74,6 +79,12 @@ def dvc_outputs(dvc_yaml: Path, params_file: Path) -> set[str]:
     return paths
 
 
+def _state_name(run: TaskRun) -> str:
+    """A task run's state name: every task run the API returns has a state, and every state a name."""
+    assert run.state is not None and run.state.name is not None, run
+    return run.state.name
+
+
 def _computed(flow_run_id) -> dict[str, list]:
     """Stage -> the tasks or depths a flow run computed (task runs that ran, not Cached ones), from the
     Prefect API: the training stages run as commands in processes of their own."""
@@ -84,7 +95,7 @@ def _computed(flow_run_id) -> dict[str, list]:
         runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
     seen: dict[str, list] = collections.defaultdict(list)
     for r in runs:
-        if r.state.name in ("Completed", "Failed"):
+        if _state_name(r) in ("Completed", "Failed"):
             stage = next(t.removeprefix("zipper-") for t in r.tags if t.startswith("zipper-"))
             arg = None if stage in ("report", "register") else r.name.rsplit("-", 1)[-1]
             seen[stage].append(int(arg) if arg and arg.isdigit() else arg)
@@ -270,10 +281,11 @@ def _served_run(root: Path) -> list[str]:
             except ObjectNotFound:
                 assert serve.poll() is None, "zipper flow serve exited"
                 time.sleep(1)
-        assert flow_run is not None and flow_run.state.is_completed(), flow_run and flow_run.state
+        assert isinstance(flow_run, FlowRun), flow_run  # None if serve never registered it; run_deployment is sync here
+        assert flow_run.state is not None and flow_run.state.is_completed(), flow_run.state
         with get_client(sync_client=True) as client:
             runs = client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run.id])))
-        return sorted(r.state.name for r in runs)
+        return sorted(_state_name(r) for r in runs)
     finally:
         serve.terminate()
         serve.wait(timeout=60)
@@ -351,7 +363,9 @@ def test_gpu_tasks_run_only_on_workers_that_declare_a_gpu(prefect_server):
             from prefect.context import FlowRunContext
 
             gpu = runners.task_resources("zip", cuda)
-            runners.check_gpu_workers(FlowRunContext.get().task_runner, gpu)  # there is one: no error
+            ctx = FlowRunContext.get()
+            assert ctx is not None  # inside this flow's run
+            runners.check_gpu_workers(ctx.task_runner, gpu)  # there is one: no error
             on_gpu = [runners.submit(_worker_name, i, resources=gpu) for i in range(4)]
             anywhere = [runners.submit(_worker_name, i, resources=runners.task_resources("evaluate", cuda))
                         for i in range(4, 8)]

@@ -39,7 +39,7 @@ def test_the_lock_is_released_and_reusable_after_the_block(tmp_path):
         assert (tmp_path / locks.ROOT_LOCK).read_text().endswith(": second\n")
 
 
-def test_measuring_waits_for_the_computations_to_end(tmp_path):
+def test_measuring_waits_for_the_computations_to_end(tmp_path) -> None:
     order: list[str] = []
     training_started, release = threading.Event(), threading.Event()
 

@@ -57,7 +57,7 @@ def _zip(root: Path, nproc: int, *sets: str) -> dict[str, torch.Tensor]:
 def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
     diffs = {k: ((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-3)).item()
              for k in a if a[k].is_floating_point()}
-    worst = max(diffs, key=diffs.get)
+    worst = max(diffs, key=diffs.__getitem__)
     return diffs[worst], worst
 
 

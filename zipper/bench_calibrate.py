@@ -105,7 +105,8 @@ class StepClock:
     """`calibrate`'s `on_step` callback (and the teacher loop's): the time after every step."""
 
     def __init__(self, device: torch.device) -> None:
-        self.device, self.times = device, []
+        self.device = device
+        self.times: list[float] = []
 
     def __call__(self, step: int = 0, net: Any = None) -> None:
         synchronize(self.device)
@@ -136,7 +137,7 @@ def write_image_folder(root: Path, task: str, n_train: int, n_val: int, size: in
         for j, (img, y) in enumerate(zip(images, labels)):
             pic = Image.fromarray(img)
             if pic.size != (size, size):
-                pic = pic.resize((size, size), Image.BILINEAR)
+                pic = pic.resize((size, size), Image.Resampling.BILINEAR)
                 noisy = np.asarray(pic, np.float32) + rng.normal(0, PIXEL_NOISE, (size, size, 3))
                 pic = Image.fromarray(np.clip(noisy + 0.5, 0, 255).astype(np.uint8))
             folder = root / split / synthetic.TASKS[task][y]
@@ -266,10 +267,11 @@ class _Bench:
     """One run's shared state (runtime, teachers, the zipped start, shards) and its rows, one method per mode."""
 
     def __init__(self, cfg: BenchConfig, runtime: Runtime) -> None:
-        self.cfg, self.runtime, self.rows = cfg, runtime, []
-        self.step_workers = cfg.step_workers
-        if self.step_workers is None:  # a GPU outruns one process decoding PNGs; a CPU needs its cores for the step
-            self.step_workers = 0 if runtime.device.type == "cpu" else min(8, os.cpu_count() or 1)
+        self.cfg, self.runtime = cfg, runtime
+        self.rows: list[dict[str, Any]] = []
+        # A GPU outruns one process decoding PNGs; a CPU needs its cores for the step.
+        self.step_workers: int = (cfg.step_workers if cfg.step_workers is not None
+                                  else 0 if runtime.device.type == "cpu" else min(8, os.cpu_count() or 1))
         self.teachers = make_teachers(cfg)
         blocks = next(iter(self.teachers.values())).num_blocks
         self.depth = blocks // 2 if cfg.depth is None else cfg.depth

@@ -24,6 +24,7 @@ from .guard import check_loss
 from .io import load_torch, save_torch, sha256_json
 from .merge import ZipperNet
 from .merge.bn import reset_bn_stats
+from .models import Backbone
 from .parallel import data_parallel, mean_over_processes
 from .runtime import CPU, Runtime, cpu_state
 
@@ -76,7 +77,7 @@ class CalibrateConfig:
 Stream = Iterator[tuple]
 
 
-def teacher_targets(teacher: nn.Module, batch: tuple, runtime: Runtime = CPU
+def teacher_targets(teacher: Backbone, batch: tuple, runtime: Runtime = CPU
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(x, y, teacher logits, teacher taps) on the runtime's device: from the cache when the batch
     carries them, else from the teacher's forward (online)."""
@@ -105,7 +106,7 @@ def task_loss(cfg: CalibrateConfig, logits: torch.Tensor, taps: Mapping[str, tor
         kd = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(t_logits / T, 1), log_target=True,
                       reduction="batchmean") * T * T
         ce = ce + cfg.kd_weight * kd
-    l1 = sum(F.l1_loss(taps[k].float(), t_taps[k].float()) for k in t_taps)
+    l1 = sum((F.l1_loss(taps[k].float(), t_taps[k].float()) for k in t_taps), logits.new_zeros(()))
     return ce, l1
 
 
@@ -119,8 +120,8 @@ def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: 
 
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     if cfg.optimizer == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
-                              nesterov=cfg.momentum > 0)
+        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
     else:
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -141,7 +142,7 @@ StepCallback = Callable[[int, ZipperNet], None]
 HeldOutDrop = Callable[[ZipperNet], Mapping[str, float]]
 
 
-def calibrate(net: ZipperNet, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
+def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping[str, Stream],
               cfg: CalibrateConfig, *, partial_path: str | os.PathLike | None = None, runtime: Runtime = CPU,
               resume_key: Mapping[str, object] | None = None, on_step: StepCallback | None = None,
               held_out_drop: HeldOutDrop | None = None) -> dict[str, list]:
@@ -235,7 +236,7 @@ def steps_to_recover(checks: list[Mapping], within_pp: float = RECOVERED_PP) -> 
     return next((c["step"] for c in checks if max(c["drop_pp"].values()) <= within_pp), None)
 
 
-def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], streams: Mapping[str, Stream],
+def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, Backbone], streams: Mapping[str, Stream],
           cfg: CalibrateConfig, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
           step: int, partial_path) -> tuple[float, float]:
     """One optimizer step on one batch per task; returns the global batch's (ce, distill) sums."""
@@ -243,7 +244,8 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, nn.Module], 
     batches = {t: teacher_targets(teachers[t], next(streams[t]), runtime) for t in net.spec.task_names}
     with runtime.autocast():
         logits, taps = forward({t: b[0] for t, b in batches.items()})
-    loss, parts = 0.0, []
+    loss = torch.zeros((), device=runtime.device)
+    parts: list[torch.Tensor] = []
     for t, (_x, y, t_logits, t_taps) in batches.items():
         ce, l1 = task_loss(cfg, logits[t], taps[t], y, t_logits, net.in_student_order(t, t_taps))
         loss = loss + ce + cfg.distill_weight * l1

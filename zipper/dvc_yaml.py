@@ -57,7 +57,7 @@ def _stage_entry(s: Stage, params: Params) -> dict[str, Any]:
     return {"foreach": "${zipper.chain}", "do": body} if s.each == "depth" else body
 
 
-def _plots(params: Params) -> list[dict[str, Any]]:
+def _plots(params: Params) -> list[dict[str, Any] | str]:
     """The accuracy and savings over depth, drawn by `dvc plots show` from the report's per-depth rows,
     and the report's own figures."""
     def plot(title: str, columns: list[str], y_label: str) -> dict[str, Any]:

@@ -38,10 +38,12 @@ def evaluate_zipper(net: nn.Module, val_batches_by_task: Mapping[str, Iterable[t
         raise KeyError(f"no task {unknown[0]!r} in this network; it has {tasks}")
     # Only the asked task's branch runs when the net can do that (ZipperNet.forward_tasks).
     only = getattr(net, "forward_tasks", None)
+
+    def logits(task: str) -> Callable[[torch.Tensor], torch.Tensor]:
+        return lambda x: only(x, [task])[task] if only else net(x)[task]
+
     with eval_mode(net):
-        return {task: accuracy((lambda x, t=task: only(x, [t])[t]) if only else (lambda x, t=task: net(x)[t]), batches,
-                               runtime)
-                for task, batches in val_batches_by_task.items()}
+        return {task: accuracy(logits(task), batches, runtime) for task, batches in val_batches_by_task.items()}
 
 
 def _task_names(net: nn.Module) -> list[str] | None:

@@ -198,13 +198,18 @@ def _reads_local_folder(source: Mapping[str, Any]) -> bool:
 
 def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> StageIO:
     """What one run of `s` reads and writes: `arg` is its task ("task" stages) or depth ("depth" stages)."""
-    depths = [0, *params.zipper.depths]
-    if s.each == "task":
-        tasks, run_depths, prev = [arg], depths, None
-    elif s.each == "depth":
-        tasks, run_depths, prev = params.tasks, [arg], params.zipper.chain[str(arg)]
+    depths: list[int] = [0, *params.zipper.depths]
+    tasks: list[str] = params.tasks
+    prev: int | None = None
+    if s.each in ("task", "depth"):
+        if arg is None:
+            raise ValueError(f"stage {s.name} runs once per {s.each}: name one")
+        if s.each == "task":
+            tasks, run_depths = [str(arg)], depths
+        else:
+            run_depths, prev = [int(arg)], params.zipper.chain[str(arg)]
     else:
-        tasks, run_depths, prev = params.tasks, depths if s.depth is None else [s.depth], None
+        run_depths = depths if s.depth is None else [s.depth]
     imported = imported_files(s, params)
     reads = _expand(s.reads, layout, tasks, run_depths, prev) + tuple(Path(imported[t]) for t in tasks if t in imported)
     keys = tuple(k.format(task=arg) if "{task}" in k else k for k in s.params)

@@ -17,6 +17,8 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import nn
 
+from .models import Backbone
+
 # A model description a fresh process can rebuild (random weights: memory does not depend on values):
 #   ("teachers", arch, [classes, ...], width, input_size)  the teachers, run one after the other
 #   ("zipper", spec_dict)                                  a ZipperNet (spec_to_dict(net.spec))
@@ -25,15 +27,14 @@ ModelDesc = tuple
 
 def describe_teachers(teachers: Mapping[str, nn.Module]) -> ModelDesc:
     """The description of `teachers` (registry Backbones) for `peak_memory`."""
-    first = next(iter(teachers.values()), None)
-    if first is None:
-        raise ValueError("no teachers to describe")
     for t, m in teachers.items():
-        missing = [a for a in ("arch", "num_classes", "width", "input_size") if not hasattr(m, a)]
-        if missing:
-            raise ValueError(f"teacher {t!r} ({type(m).__name__}) is not a zipper Backbone: no {missing[0]!r}")
-    return ("teachers", first.arch, [int(m.num_classes) for m in teachers.values()], float(first.width),
-            int(first.input_size))
+        if not isinstance(m, Backbone):
+            raise ValueError(f"teacher {t!r} ({type(m).__name__}) is not a zipper Backbone")
+    backbones = [m for m in teachers.values() if isinstance(m, Backbone)]
+    if not backbones:
+        raise ValueError("no teachers to describe")
+    first = backbones[0]
+    return ("teachers", first.arch, [m.num_classes for m in backbones], first.width, first.input_size)
 
 
 def describe_zipper(net: nn.Module) -> ModelDesc:

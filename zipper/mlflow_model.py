@@ -14,11 +14,12 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.pyfunc.model import PythonModel
 
 OUTPUTS = ("labels", "probabilities")
 
 
-class ZipperPyfunc(mlflow.pyfunc.PythonModel):
+class ZipperPyfunc(PythonModel):
     def load_context(self, context) -> None:
         from zipper import load
 

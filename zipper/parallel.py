@@ -59,13 +59,14 @@ class SyncedBatchNorm2d(nn.BatchNorm2d):
 
     @torch.no_grad()
     def _update_running_stats(self, mean: torch.Tensor, var: torch.Tensor, n: float) -> None:
-        if not self.track_running_stats:
+        count, running_mean, running_var = self.num_batches_tracked, self.running_mean, self.running_var
+        if count is None or running_mean is None or running_var is None:  # track_running_stats=False
             return
-        self.num_batches_tracked.add_(1)
-        factor = 1.0 / self.num_batches_tracked.item() if self.momentum is None else self.momentum
-        self.running_mean.mul_(1 - factor).add_(mean.to(self.running_mean.dtype), alpha=factor)
+        count.add_(1)
+        factor = 1.0 / count.item() if self.momentum is None else self.momentum
+        running_mean.mul_(1 - factor).add_(mean.to(running_mean.dtype), alpha=factor)
         unbiased = var * (n / max(1.0, n - 1))
-        self.running_var.mul_(1 - factor).add_(unbiased.to(self.running_var.dtype), alpha=factor)
+        running_var.mul_(1 - factor).add_(unbiased.to(running_var.dtype), alpha=factor)
 
 
 @contextmanager

@@ -48,7 +48,7 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int], batch: int =
         nonlocal total
         if isinstance(module, nn.Linear):
             total += out.numel() * module.in_features
-        else:
+        elif isinstance(module, nn.modules.conv._ConvNd):
             total += out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
     handles = [m.register_forward_hook(count) for m in model.modules()
@@ -175,7 +175,7 @@ def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: in
 
 @torch.no_grad()
 def throughput(net: nn.Module, teachers: Mapping[str, nn.Module], runtime: Runtime, *, batch: int = 256,
-               repeats: int = 20, input_size: int | None = None) -> dict[str, float]:
+               repeats: int = 20, input_size: int | None = None) -> dict[str, float | str]:
     """Images/s of `net` and of the teachers one after the other on an accelerator, at a batch
     that fills it (the serving case; CPU latency at batch 1 stays the deployment measure)."""
     size = input_size or _input_size(net)

@@ -12,7 +12,7 @@ import contextlib
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping
+from typing import Any, Iterator, Mapping, TypeVar
 
 import torch
 from torch import nn
@@ -20,6 +20,7 @@ from torch import nn
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 DEVICE_PATTERN = re.compile(r"auto|cpu|mps|cuda(:\d+)?")
+ModuleT = TypeVar("ModuleT", bound=nn.Module)
 
 
 @dataclass(frozen=True)
@@ -103,10 +104,10 @@ class Runtime:
         """Loss scaling for fp16 (bf16 and fp32 need none: the scaler is then a pass-through)."""
         return torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
 
-    def module(self, model: nn.Module) -> nn.Module:
+    def module(self, model: ModuleT) -> ModuleT:
         """`model` on this device, in this memory format (in place, returned for chaining)."""
         fmt = torch.channels_last if self.channels_last else torch.preserve_format
-        return model.to(self.device, memory_format=fmt)
+        return model.to(self.device, memory_format=fmt)  # type: ignore[call-overload]  # torch's stub omits it
 
     def tensor(self, t: torch.Tensor) -> torch.Tensor:
         if t.dim() == 4 and self.channels_last:

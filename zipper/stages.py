@@ -165,12 +165,14 @@ def held_out_drop(params: Params, layout: Layout, teachers: Mapping[str, Any], r
     from .data.holdout import holdout_batches
     from .evaluate import accuracy, evaluate_zipper
 
-    split, size = held_out_split(params), params.teachers.input_size
+    split, size, until = held_out_split(params), params.teachers.input_size, params.calibrate.until
+    if until is None:
+        raise ValueError("held-out checks need calibrate.until")
     batches, keys = {}, {}
     for t in params.tasks:
         batches[t], keys[t] = holdout_batches(layout.shards(t), split, input_size=size,
                                               batch_size=params.evaluate.batch_size,
-                                              limit=params.calibrate.until.holdout_samples)
+                                              limit=until.holdout_samples)
     teacher_acc = {t: accuracy(runtime.module(teachers[t]).eval(), batches[t], runtime) for t in params.tasks}
 
     def drop(net: Any) -> dict[str, float]:

@@ -57,7 +57,8 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     manifest = read_manifest(shard_dir)
     torch.manual_seed(seed)
     model = runtime.module(build_model(arch, len(manifest["classes"]), width=width, input_size=input_size))
-    decay, no_decay = [], []
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():  # no weight decay on BN and biases (standard for small nets)
         (no_decay if p.ndim <= 1 else decay).append(p)
     opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],

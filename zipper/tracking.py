@@ -103,7 +103,9 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
 
     root = Path(layout.root).resolve()
     client = connect(params.tracking, root, set_experiment=True)
-    fail_interrupted_runs(client, mlflow.get_experiment_by_name(params.tracking.experiment).experiment_id, root)
+    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
+    assert experiment is not None  # connect(set_experiment=True) made it
+    fail_interrupted_runs(client, experiment.experiment_id, root)
     name = params.tracking.registered_model
     classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
     summary: dict[str, Any] = {"tracking_uri": redacted(params.tracking.tracking_uri(root)), "registered_model": name,
@@ -237,6 +239,7 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None,
             raise ValueError(f"no version of {name!r} with depth {depth}; "
                              f"depths: {[int(v.tags['depth']) for v in candidates]}")
     else:
+        assert max_drop is not None  # checked above: exactly one of depth and max_drop
         chosen = [v for v in candidates if float(v.tags["max_drop_pp"]) <= max_drop]
         if not chosen:
             best = min(candidates, key=lambda v: float(v.tags["max_drop_pp"]))

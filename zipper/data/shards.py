@@ -424,9 +424,11 @@ def _tar_samples(f: Any, url: str, num_classes: int | None) -> Iterator[dict[str
 def _tar_members(f: Any) -> Iterator[tuple[str, bytes]]:
     with tarfile.open(fileobj=f, mode="r|*") as tar:  # streaming: never seeks, so it reads any URL
         for info in tar:
-            if info.isreg():
-                yield info.name, tar.extractfile(info).read()
-            tar.members = []  # a stream has no use for past headers: do not keep them all
+            member = tar.extractfile(info) if info.isreg() else None
+            if member is not None:
+                yield info.name, member.read()
+            # A stream has no use for past headers: do not keep them all (typeshed omits the attribute).
+            tar.members = []  # type: ignore[attr-defined]
 
 
 def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str, Any]]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import inspect
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
@@ -148,7 +149,7 @@ def resize_center(img: Image.Image, size: int) -> Image.Image:
         return img
     scale = size / min(w, h)
     nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.BILINEAR)
+    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
     left, top = (nw - size) // 2, (nh - size) // 2
     return img.crop((left, top, left + size, top + size))
 
@@ -156,8 +157,10 @@ def resize_center(img: Image.Image, size: int) -> Image.Image:
 # --- sources ---------------------------------------------------------------------------------------
 
 def _array_samples(images: np.ndarray, labels: np.ndarray, origin: str) -> list[Sample]:
-    return [Sample(lambda i=i: (Image.fromarray(images[i], "RGB"), int(labels[i])), f"{origin}[{i}]")
-            for i in range(len(labels))]
+    def one(i: int) -> tuple[Image.Image, int]:
+        return Image.fromarray(images[i], "RGB"), int(labels[i])
+
+    return [Sample(partial(one, i), f"{origin}[{i}]") for i in range(len(labels))]
 
 
 def _synthetic(cfg: dict[str, Any]) -> SourceData:
@@ -190,11 +193,11 @@ def _digits(cfg: dict[str, Any]) -> SourceData:
     size = cfg["size"]
 
     def one(i: int) -> tuple[Image.Image, int]:
-        img = Image.fromarray(gray[i], "L").resize((size, size), Image.BILINEAR)
+        img = Image.fromarray(gray[i], "L").resize((size, size), Image.Resampling.BILINEAR)
         return img.convert("RGB"), int(d.target[i])
 
-    splits = {"train": [Sample(lambda i=i: one(i), f"digits[{i}]") for i in tr],
-              "val": [Sample(lambda i=i: one(i), f"digits[{i}]") for i in sorted(va)]}
+    splits = {"train": [Sample(partial(one, i), f"digits[{i}]") for i in tr],
+              "val": [Sample(partial(one, i), f"digits[{i}]") for i in sorted(va)]}
     return SourceData([str(c) for c in range(10)], splits, hflip=False, info=dict(cfg))
 
 
@@ -245,7 +248,7 @@ def _imagefolder(cfg: dict[str, Any]) -> SourceData:
     classes = sorted(train_c)
     splits = {}
     for split in SPLITS:
-        samples = [Sample(lambda p=p, k=k: _open_image(p, k, cfg["image_size"]), str(p))
+        samples = [Sample(partial(_open_image, p, k, cfg["image_size"]), str(p))
                    for k, c in enumerate(classes) for p in found[split][c]]
         if split == "train":  # shards are read sequentially: mix the classes once, reproducibly
             order = np.random.default_rng(cfg["seed"]).permutation(len(samples))
@@ -255,15 +258,20 @@ def _imagefolder(cfg: dict[str, Any]) -> SourceData:
     return SourceData(classes, splits, hflip=True, info=info)
 
 
-def _torchvision(cfg: dict[str, Any]) -> SourceData:
+def _dataset_class(name: str) -> Callable[..., Any]:
     import torchvision.datasets as tvd
 
-    name = cfg["dataset"]
     ctor = getattr(tvd, name, None)
-    if not (inspect.isclass(ctor)):
+    if not inspect.isclass(ctor):
         raise ValueError(f"data source 'torchvision': unknown dataset {name!r} (key 'dataset') in torchvision.datasets")
+    return ctor
+
+
+def _torchvision(cfg: dict[str, Any]) -> SourceData:
+    name = cfg["dataset"]
+    ctor = _dataset_class(name)
     params = inspect.signature(ctor).parameters
-    datasets = {}
+    datasets: dict[str, Any] = {}
     for split in SPLITS:
         kw: dict[str, Any] = {}
         if "download" in params:
@@ -299,5 +307,5 @@ def _torchvision(cfg: dict[str, Any]) -> SourceData:
     splits = {}
     for split, ds in datasets.items():
         order = np.random.default_rng(cfg["seed"]).permutation(len(ds)) if split == "train" else np.arange(len(ds))
-        splits[split] = [Sample(lambda ds=ds, i=int(i): one(ds, i), f"{name}/{split}[{i}]") for i in order]
+        splits[split] = [Sample(partial(one, ds, int(i)), f"{name}/{split}[{i}]") for i in order]
     return SourceData([str(c) for c in classes], splits, hflip=True, info=dict(cfg, root=str(cfg["root"])))

@@ -224,7 +224,7 @@ def _smooth_noise(b: int, size: int, rng: np.random.Generator) -> np.ndarray:
 
 def _lines(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
     """Overlay 0..CLUTTER_LINES thin random line segments of random colours (clutter)."""
-    b = img.shape[0]
+    b: int = img.shape[0]
     x, y = _grid(b, size)
     for _ in range(CLUTTER_LINES):
         on = rng.uniform(0, 1, b) < 0.5

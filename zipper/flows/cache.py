@@ -36,7 +36,7 @@ def pick_params(params: Params, keys: Iterable[str]) -> dict[str, Any]:
             out[key] = params.tasks
             continue
         node = param_value(params, key)
-        out[key] = asdict(node) if is_dataclass(node) else node
+        out[key] = asdict(node) if is_dataclass(node) and not isinstance(node, type) else node
     return out
 
 

@@ -27,7 +27,8 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, cast
+from uuid import UUID
 
 from prefect import flow, task
 from prefect.artifacts import (
@@ -167,34 +168,47 @@ def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
     params = load_params(params_path, overrides or {})
     layout = Layout(Path(root).resolve())
     cli = cli_args(params_path, root, overrides)  # for the training stages, which run as commands
-    with root_lock(layout.root, f"Prefect flow run {FlowRunContext.get().flow_run.name!r}"):
+    ctx = FlowRunContext.get()
+    assert ctx is not None and ctx.flow_run is not None  # the flow's body runs inside its flow run
+    with root_lock(layout.root, f"Prefect flow run {ctx.flow_run.name!r}"):
         return _pipeline(params, layout, cli)
 
 
 def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str, Any]:
     gpu = {s: task_resources(s, params.runtime) for s in DATA_PARALLEL_STAGES}
-    check_gpu_workers(FlowRunContext.get().task_runner, gpu["zip"])
+    ctx = FlowRunContext.get()
+    assert ctx is not None  # called by the flow's body only
+    check_gpu_workers(ctx.task_runner, gpu["zip"])
     storage = layout.root / RESULTS_DIR  # a Path: Prefect makes it a LocalFileSystem, no saved block needed
-    data_t, teachers_t, features_t, zip_t, evaluate_t, report_t, register_t = (
-        t.with_options(result_storage=storage)
-        for t in (data_task, teachers_task, features_task, zip_task, evaluate_task, report_task, register_task))
+    # One by one, not in a loop: each keeps its own signature for the type checker.
+    data_t = data_task.with_options(result_storage=storage)
+    teachers_t = teachers_task.with_options(result_storage=storage)
+    features_t = features_task.with_options(result_storage=storage)
+    zip_t = zip_task.with_options(result_storage=storage)
+    evaluate_t = evaluate_task.with_options(result_storage=storage)
+    report_t = report_task.with_options(result_storage=storage)
+    register_t = register_task.with_options(result_storage=storage)
     depths = [0, *params.zipper.depths]
 
-    progress = create_progress_artifact(0.0, key="zipper-progress",
-                                        description=f"zipper: calibrate and evaluate depths {depths}")
+    # A sync flow: Prefect's async_dispatch runs the sync version, which returns the artifact's id.
+    progress = cast(UUID, create_progress_artifact(0.0, key="zipper-progress",
+                                                   description=f"zipper: calibrate and evaluate depths {depths}"))
     data = {n: data_t.submit(params, layout, n) for n in params.tasks}
     teachers = {n: submit(teachers_t, params, layout, n, cli, wait_for=[data[n]], resources=gpu["teachers"])
                 for n in params.tasks}
-    features = {n: features_t.submit(params, layout, n, wait_for=[teachers[n]]) for n in params.tasks}
+    # return_state=False is Prefect's default; its overloads want it spelled out next to wait_for.
+    features = {n: features_t.submit(params, layout, n, wait_for=[teachers[n]], return_state=False)
+                for n in params.tasks}
     zips: dict[int, PrefectFuture] = {}
     evals: dict[int, PrefectFuture] = {}
     for d in depths:
         after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
         zips[d] = submit(zip_t, params, layout, d, cli, wait_for=after, resources=gpu["zip"])
         side = [evals[0]] if d else []  # depth d > 0 reads the teachers' side measured at depth 0
-        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values(), *side])
-    report = report_t.submit(params, layout, wait_for=list(evals.values()))
-    register = register_t.submit(params, layout, wait_for=[report, *zips.values()])
+        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values(), *side],
+                                     return_state=False)
+    report = report_t.submit(params, layout, wait_for=list(evals.values()), return_state=False)
+    register = register_t.submit(params, layout, wait_for=[report, *zips.values()], return_state=False)
 
     # Progress over depths, as the chain and the evaluations finish (in whatever order they do).
     which = {**{f.task_run_id: ("zip", d) for d, f in zips.items()},

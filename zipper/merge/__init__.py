@@ -3,8 +3,7 @@ from __future__ import annotations
 
 from typing import Iterable, Mapping
 
-from torch import nn
-
+from ..models import Backbone
 from .align import align_models, deepen_aligned
 from .zipnet import SCOPES, ZipperNet, ZipperSpec, deepen, export_onnx, load, side_by_side
 
@@ -13,7 +12,7 @@ from .zipnet import SCOPES, ZipperNet, ZipperSpec, deepen, export_onnx, load, si
 INITS = ("average", "weights", "activations")
 
 
-def zip_models(teachers: Mapping[str, nn.Module], depth: int, *, scope: str = "block",
+def zip_models(teachers: Mapping[str, Backbone], depth: int, *, scope: str = "block",
                init: str = "average", batches: Iterable[object] | None = None) -> ZipperNet:
     """Zip same-arch teachers at `depth`: blocks[:depth] shared, initialised by `init`.
 

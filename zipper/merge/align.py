@@ -37,7 +37,7 @@ import random
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, cast
 
 import torch
 from torch import nn
@@ -165,7 +165,7 @@ class _Walker:
         for sub_name, sub in m.named_children():
             if sub_name not in ("fc1", "fc2") and any(True for _ in sub.parameters()):
                 raise ValueError(f"alignment: {name}.{sub_name} inside squeeze-excitation holds weights")
-        fc1, fc2 = m.fc1, m.fc2
+        fc1, fc2 = cast(nn.Conv2d, m.fc1), cast(nn.Conv2d, m.fc2)
         self._add(self.current, f"{name}.fc1", fc1.weight, "weight", 1)
         self._add(self.current, f"{name}.fc2", fc2.weight, "weight", 0)
         self._add(self.current, f"{name}.fc2", fc2.bias, "bias", 0)
@@ -476,7 +476,7 @@ def align_branches_(net: ZipperNet, method: str, *, batches: Iterable[object] | 
     """Permute, in place, every branch of `net` after the first to match the first, from block
     `net.depth` on (the trunk, and under scope "pointwise" the shared pointwise convs, lie before
     it and are never touched), and record the moves in `net.tap_orders`. Returns `net`."""
-    branches = [net.branches[t] for t in net.spec.task_names]
+    branches = [net.branch(t) for t in net.spec.task_names]
     was_training = net.training
     run = None
     if method == "activations":

@@ -1,14 +1,14 @@
 """Re-estimate BatchNorm running statistics after merging (averaged stats describe no real stream)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, batches: Iterable[object], forward: Callable[[object], object] | None = None,
+def reset_bn_stats(model: nn.Module, batches: Iterable[object], forward: Callable[[Any], object] | None = None,
                    max_batches: int = 20) -> int:
     """Reset every BN's running stats and re-estimate them (cumulative average) on `batches`.
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from contextlib import ExitStack
 from dataclasses import asdict, dataclass, replace
-from typing import Iterable, Mapping
+from typing import Iterable, Mapping, cast
 
 import torch
 from torch import nn
@@ -109,7 +109,7 @@ class ZipperNet(nn.Module):
     def branch(self, task: str) -> Backbone:
         if task not in self.branches:
             raise KeyError(f"unknown task {task!r}; this ZipperNet has {self.spec.task_names}")
-        return self.branches[task]
+        return cast(Backbone, self.branches[task])
 
     def forward_intermediates(self, x: torch.Tensor, tasks: Iterable[str] | None = None
                               ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
@@ -145,7 +145,7 @@ class ZipperNet(nn.Module):
         trunk_split = {k: v.split(sizes) for k, v in trunk_feats.items()}
         logits, taps = {}, {}
         for i, (t, z_t) in enumerate(zip(tasks, z.split(sizes))):
-            branch, feats = self.branch(t), {}
+            branch, feats = self.branch(t), dict[str, torch.Tensor]()
             with capture(branch, branch.pointwise_taps(), feats):
                 logits[t] = branch.forward_head(branch.forward_features(z_t, start=self.depth))
             taps[t] = {**{k: v[i] for k, v in trunk_split.items()}, **feats}
@@ -212,7 +212,7 @@ def _check_tap_orders(net: ZipperNet, orders: Mapping, path: str | os.PathLike) 
         if task not in net.tap_orders:
             raise ValueError(f"{path}: tap_orders names unknown task {task!r}")
         parts = [p for p in (net.trunk, net.branch(task)) if p is not None]
-        channels = {k: p.get_submodule(k).num_features for p in parts for k in p.pointwise_taps()}
+        channels = {k: cast(nn.BatchNorm2d, p.get_submodule(k)).num_features for p in parts for k in p.pointwise_taps()}
         for tap, order in by_tap.items():
             if tap not in channels:
                 raise ValueError(f"{path}: tap_orders[{task!r}] names layer {tap!r}, not a pointwise tap of this net")

@@ -7,7 +7,7 @@ block (what the paper's per-layer L1 loss compares).
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -16,7 +16,7 @@ from torch import nn
 class Backbone(nn.Module):
     """`stem -> blocks[0..L-1] -> head`. Shared positions may be `nn.Identity` (see ZipperNet)."""
 
-    def __init__(self, arch: str, stem: nn.Module, blocks: list[nn.Module], head: nn.Module,
+    def __init__(self, arch: str, stem: nn.Module, blocks: Sequence[nn.Module], head: nn.Module,
                  *, num_classes: int, width: float, input_size: int) -> None:
         super().__init__()
         self.arch, self.num_classes, self.width, self.input_size = arch, num_classes, width, input_size

@@ -1,7 +1,7 @@
 """torchvision's MobileNetV2/V3 seen as stem / blocks / head (the inverted-residual blocks are zipper's blocks)."""
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, cast
 
 from torch import nn
 
@@ -10,8 +10,8 @@ from .base import Backbone
 
 def _adapt(arch: str, net: nn.Module, num_classes: int, width: float, input_size: int) -> Backbone:
     # torchvision: features[0] is the stem conv, features[-1] the last 1x1 conv; in between the blocks.
-    features = list(net.features)
-    head = nn.Sequential(features[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), net.classifier)
+    features = list(cast(nn.Sequential, net.features))
+    head = nn.Sequential(features[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), cast(nn.Module, net.classifier))
     return Backbone(arch, features[0], features[1:-1], head, num_classes=num_classes, width=width,
                     input_size=input_size)
 
