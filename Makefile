@@ -57,10 +57,11 @@ test-isa: install
 
 lint: install
 	$(VENV)/bin/ruff check zipper tests benchmarks
+	$(VENV)/bin/ruff format --check zipper tests benchmarks
 	$(VENV)/bin/mypy
 
 bench: install
-	$(VENV)/bin/zipper bench table1 --json docs/table1.json
+	$(VENV)/bin/zipper bench table1 --markdown docs/table1.md --json docs/table1.json
 
 clean:
 	rm -rf $(VENV)

@@ -12,6 +12,7 @@
 Both readers run from a warm page cache (the files were just written): this measures decoding and
 pipeline overhead, not disk speed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,9 +72,11 @@ def bench_read(shards: Path, folder: Path, n: int, batch: int) -> None:
         return sum(len(y) for _, y in islice(it, max(1, n // batch)))
 
     print(f"\n== reading {n} images (32 px PNG), batch {batch}, 1 process; best of 3 interleaved passes ==")
-    readers = {"shards  val_batches (ordered)": shard_pass,
-               "folder  torchvision ImageFolder + DataLoader": folder_pass,
-               "shards  train_batches (resampled, shuffled, augmented)": train_stream}
+    readers = {
+        "shards  val_batches (ordered)": shard_pass,
+        "folder  torchvision ImageFolder + DataLoader": folder_pass,
+        "shards  train_batches (resampled, shuffled, augmented)": train_stream,
+    }
     best = dict.fromkeys(readers, float("inf"))
     counts = {}
     for fn in readers.values():
@@ -117,14 +120,20 @@ def bench_calibration(shards: Path, cache: Path, steps: int, batch: int, width: 
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+
         return steps_
 
     chunk = 5
     for workers in (0, 1):  # 1: reading and decoding overlap the step in a DataLoader worker process
-        run = {"online": variant(train_batches(shards, input_size=32, batch_size=batch, augment=False, seed=0,
-                                               num_workers=workers), online=True),
-               "cache": variant(cached_batches(cache, batch_size=batch, seed=0, input_size=32,
-                                               num_workers=workers), online=False)}
+        run = {
+            "online": variant(
+                train_batches(shards, input_size=32, batch_size=batch, augment=False, seed=0, num_workers=workers),
+                online=True,
+            ),
+            "cache": variant(
+                cached_batches(cache, batch_size=batch, seed=0, input_size=32, num_workers=workers), online=False
+            ),
+        }
         spent = dict.fromkeys(run, 0.0)
         for fn in run.values():
             fn(3)  # warm-up: workers, shuffle buffer, allocator
@@ -136,8 +145,10 @@ def bench_calibration(shards: Path, cache: Path, steps: int, batch: int, width: 
                 spent[name] += time.perf_counter() - t
         n = max(1, steps // chunk) * chunk
         online, cached = n / spent["online"], n / spent["cache"]
-        print(f"loader workers {workers}: online teacher targets {online:5.2f} steps/s, "
-              f"feature cache {cached:5.2f} steps/s ({cached / online:.2f}x)")
+        print(
+            f"loader workers {workers}: online teacher targets {online:5.2f} steps/s, "
+            f"feature cache {cached:5.2f} steps/s ({cached / online:.2f}x)"
+        )
 
     # Where the difference comes from: the teacher's forward vs reading + decoding its cached targets.
     x, _ = next(iter(val_batches(shards, input_size=32, batch_size=batch, split="train")))
@@ -146,8 +157,10 @@ def bench_calibration(shards: Path, cache: Path, steps: int, batch: int, width: 
         for _ in range(5):
             teacher.forward_intermediates(x)
     fwd = (time.perf_counter() - t) / 5
-    plain, stream = train_batches(shards, input_size=32, batch_size=batch, augment=False, seed=1), \
-        cached_batches(cache, batch_size=batch, seed=1, input_size=32)
+    plain, stream = (
+        train_batches(shards, input_size=32, batch_size=batch, augment=False, seed=1),
+        cached_batches(cache, batch_size=batch, seed=1, input_size=32),
+    )
     per = []
     for it in (plain, stream):
         next(it)
@@ -155,9 +168,11 @@ def bench_calibration(shards: Path, cache: Path, steps: int, batch: int, width: 
         for _ in range(5):
             next(it)
         per.append((time.perf_counter() - t) / 5)
-    print(f"per batch: teacher forward_intermediates {1000 * fwd:.0f} ms; "
-          f"reading a batch of images {1000 * per[0]:.0f} ms, "
-          f"of images + cached targets {1000 * per[1]:.0f} ms")
+    print(
+        f"per batch: teacher forward_intermediates {1000 * fwd:.0f} ms; "
+        f"reading a batch of images {1000 * per[0]:.0f} ms, "
+        f"of images + cached targets {1000 * per[1]:.0f} ms"
+    )
     shutil.rmtree(cache)
 
 
@@ -168,8 +183,12 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=1000, help="calibration images in the feature cache")
     ap.add_argument("--widths", type=float, nargs="+", default=[0.25, 1.0], help="MobileNetV1 widths to time")
     ap.add_argument("--batch", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch intra-op threads (1 is fastest when the data path, not the math, is the cost)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest when the data path, not the math, is the cost)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     root = Path(tempfile.mkdtemp(prefix="zipper-bench-"))

@@ -12,6 +12,7 @@ Overhead = (time - bare) / bare, for wall time and for CPU time (user + system o
 children: steadier than wall time on a shared machine); the Prefect flow against DVC likewise.
 Usage: python benchmarks/bench_orchestration.py [--params P] [--set KEY=VALUE ...] [--json OUT] [--no-bare]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,12 @@ stages.run_report(params, layout); stages.run_register(params, layout)
 def _env(home: Path) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"  # the venv's zipper and dvc
-    env.update(MPLBACKEND="Agg", PREFECT_HOME=str(home), PREFECT_SERVER_ANALYTICS_ENABLED="false",
-               PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90")
+    env.update(
+        MPLBACKEND="Agg",
+        PREFECT_HOME=str(home),
+        PREFECT_SERVER_ANALYTICS_ENABLED="false",
+        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="90",
+    )
     env.pop("PREFECT_API_URL", None)  # a temporary server per process, as a user without one gets
     return env
 
@@ -66,8 +71,9 @@ def _timed(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> tuple[f
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     log.write_text(proc.stdout + proc.stderr)
     if proc.returncode != 0:
-        raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n"
-                         f"{(proc.stdout + proc.stderr)[-3000:]}")
+        raise SystemExit(
+            f"{' '.join(cmd)} failed (exit {proc.returncode}); log: {log}\n{(proc.stdout + proc.stderr)[-3000:]}"
+        )
     return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
@@ -105,8 +111,9 @@ def main(argv: list[str] | None = None) -> dict:
     runs: dict[str, dict[str, tuple[float, float]]] = {}
     try:
         # Warm the page cache (torch, prefect, mlflow) so the first variant does not pay for a cold disk.
-        subprocess.run([py, "-c", "import torch, torchvision, prefect, mlflow, dvc, zipper.stages"],
-                       env=env, check=True)
+        subprocess.run(
+            [py, "-c", "import torch, torchvision, prefect, mlflow, dvc, zipper.stages"], env=env, check=True
+        )
         if not args.no_bare:
             root = _project(base, "bare", args.params, overrides)
             runs["bare"] = {"first": _timed([py, "-c", BARE, str(root), "{}"], root, env, base / "bare.log")}
@@ -116,40 +123,68 @@ def main(argv: list[str] | None = None) -> dict:
         shutil.copytree(REPO / "zipper", root / "zipper", ignore=shutil.ignore_patterns("__pycache__"))
         for cmd in (["git", "init", "-q"], ["dvc", "init", "-q"]):
             subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
-        runs["dvc"] = {"first": _timed(["dvc", "repro"], root, env, base / "dvc.log"),
-                       "noop": _timed(["dvc", "repro"], root, env, base / "dvc.noop.log")}
+        runs["dvc"] = {
+            "first": _timed(["dvc", "repro"], root, env, base / "dvc.log"),
+            "noop": _timed(["dvc", "repro"], root, env, base / "dvc.noop.log"),
+        }
 
         root = _project(base, "prefect", args.params, overrides)
-        cmd = [str(Path(py).parent / "zipper"), "flow", "run", "--runner", "thread", "--params",
-               str(root / "params.yaml"), "--root", str(root)]
-        runs["prefect"] = {"first": _timed(cmd, REPO, env, base / "prefect.log"),
-                           "noop": _timed(cmd, REPO, env, base / "prefect.noop.log")}
+        cmd = [
+            str(Path(py).parent / "zipper"),
+            "flow",
+            "run",
+            "--runner",
+            "thread",
+            "--params",
+            str(root / "params.yaml"),
+            "--root",
+            str(root),
+        ]
+        runs["prefect"] = {
+            "first": _timed(cmd, REPO, env, base / "prefect.log"),
+            "noop": _timed(cmd, REPO, env, base / "prefect.noop.log"),
+        }
     finally:
         if not args.keep:
             shutil.rmtree(base, ignore_errors=True)
 
-    result: dict = {"params": str(args.params), "overrides": overrides, "cpus": os.cpu_count(),
-                    "load_avg_1m": os.getloadavg()[0],
-                    "wall_s": {n: {k: v[0] for k, v in r.items()} for n, r in runs.items()},
-                    "cpu_s": {n: {k: v[1] for k, v in r.items()} for n, r in runs.items()}}
+    result: dict = {
+        "params": str(args.params),
+        "overrides": overrides,
+        "cpus": os.cpu_count(),
+        "load_avg_1m": os.getloadavg()[0],
+        "wall_s": {n: {k: v[0] for k, v in r.items()} for n, r in runs.items()},
+        "cpu_s": {n: {k: v[1] for k, v in r.items()} for n, r in runs.items()},
+    }
     bare = runs.get("bare", {}).get("first")
-    print(f"{'variant':<9} {'wall':>8} {'cpu':>8} {'wall vs bare':>13} {'cpu vs bare':>12} "
-          f"{'no-op wall':>11} {'no-op cpu':>10}")
+    print(
+        f"{'variant':<9} {'wall':>8} {'cpu':>8} {'wall vs bare':>13} {'cpu vs bare':>12} "
+        f"{'no-op wall':>11} {'no-op cpu':>10}"
+    )
     for name, r in runs.items():
         (wall, cpu), noop = r["first"], r.get("noop")
-        vs = (f"{100 * (wall - bare[0]) / bare[0]:+.1f}%",
-              f"{100 * (cpu - bare[1]) / bare[1]:+.1f}%") if bare else ("-", "-")
-        print(f"{name:<9} {wall:>6.1f} s {cpu:>6.1f} s {vs[0]:>13} {vs[1]:>12} "
-              f"{f'{noop[0]:.1f} s' if noop else '-':>11} {f'{noop[1]:.1f} s' if noop else '-':>10}")
+        vs = (
+            (f"{100 * (wall - bare[0]) / bare[0]:+.1f}%", f"{100 * (cpu - bare[1]) / bare[1]:+.1f}%")
+            if bare
+            else ("-", "-")
+        )
+        print(
+            f"{name:<9} {wall:>6.1f} s {cpu:>6.1f} s {vs[0]:>13} {vs[1]:>12} "
+            f"{f'{noop[0]:.1f} s' if noop else '-':>11} {f'{noop[1]:.1f} s' if noop else '-':>10}"
+        )
     (dw, dc), (pw, pc) = runs["dvc"]["first"], runs["prefect"]["first"]
     result["prefect_vs_dvc_pct"] = {"wall": 100 * (pw - dw) / dw, "cpu": 100 * (pc - dc) / dc}
-    print(f"Prefect flow (thread runner) vs dvc repro: wall {result['prefect_vs_dvc_pct']['wall']:+.1f}% "
-          f"({pw:.1f} s vs {dw:.1f} s), cpu {result['prefect_vs_dvc_pct']['cpu']:+.1f}% ({pc:.1f} s vs {dc:.1f} s); "
-          f"no-op rerun {runs['prefect']['noop'][0]:.1f} s vs {runs['dvc']['noop'][0]:.1f} s wall")
+    print(
+        f"Prefect flow (thread runner) vs dvc repro: wall {result['prefect_vs_dvc_pct']['wall']:+.1f}% "
+        f"({pw:.1f} s vs {dw:.1f} s), cpu {result['prefect_vs_dvc_pct']['cpu']:+.1f}% ({pc:.1f} s vs {dc:.1f} s); "
+        f"no-op rerun {runs['prefect']['noop'][0]:.1f} s vs {runs['dvc']['noop'][0]:.1f} s wall"
+    )
     if bare:
-        result["overhead_vs_bare_pct"] = {n: {"wall": 100 * (r["first"][0] - bare[0]) / bare[0],
-                                              "cpu": 100 * (r["first"][1] - bare[1]) / bare[1]}
-                                          for n, r in runs.items() if n != "bare"}
+        result["overhead_vs_bare_pct"] = {
+            n: {"wall": 100 * (r["first"][0] - bare[0]) / bare[0], "cpu": 100 * (r["first"][1] - bare[1]) / bare[1]}
+            for n, r in runs.items()
+            if n != "bare"
+        }
     print(f"(load average over the last minute: {result['load_avg_1m']:.1f} on {os.cpu_count()} cores)")
     if args.json:
         args.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -23,6 +23,7 @@ Teachers, shards and the feature cache come from the real stage functions (`run_
 Evaluations run from calibrate()'s step callback (eval mode, no gradients): the calibration is the
 one an unobserved run makes.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -71,16 +72,27 @@ def ensure_teachers(params: Params, layout: Layout) -> None:
     else:
         log.info("reusing teachers in %s", layout.teacher(tasks[0]).parent)
     if params.features.enabled:
-        stale = [t for t in tasks if not cache_matches(layout.features(t), sha256_file(layout.teacher(t)),
-                                                        input_size=params.teachers.input_size)]
+        stale = [
+            t
+            for t in tasks
+            if not cache_matches(
+                layout.features(t), sha256_file(layout.teacher(t)), input_size=params.teachers.input_size
+            )
+        ]
         if stale:
             log.info("caching teacher targets for %s", stale)
             run_features(params, layout, stale)
 
 
 # ------------------------------------------------------------------ calibration with evaluations
-def calibrate_with_evals(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping[str, Iterator],
-                         cfg: CalibrateConfig, every: int, evaluate) -> tuple[list, dict]:
+def calibrate_with_evals(
+    net: ZipperNet,
+    teachers: Mapping[str, Backbone],
+    streams: Mapping[str, Iterator],
+    cfg: CalibrateConfig,
+    every: int,
+    evaluate,
+) -> tuple[list, dict]:
     """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps (and the last);
     returns ([(step, {task: acc})...], curves). Evaluation runs in eval mode without gradients, so
     the calibration itself is the one an unobserved run makes."""
@@ -107,29 +119,45 @@ def steps_to_close(evals: list, teacher_acc: Mapping[str, float], within_pp: flo
     return None
 
 
-def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int
-            ) -> dict[str, Any]:
+def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateConfig, data_seed: int) -> dict[str, Any]:
     params, layout, teachers, val = ctx["params"], ctx["layout"], ctx["teachers"], ctx["val"]
     t0 = time.perf_counter()
-    net = zip_models(teachers, depth, scope=params.zipper.scope, init=init,
-                     batches=align_data if init == "activations" else None)
+    net = zip_models(
+        teachers, depth, scope=params.zipper.scope, init=init, batches=align_data if init == "activations" else None
+    )
     t_merge = time.perf_counter() - t0
     # Same data seed for every init of a (depth, seed) unit: identical calibration data order.
     streams, targets = calibration_streams(params, layout, seed=data_seed)
     reset_bn_on_streams(net, streams, ctx["bn_batches"])
-    evaluate = lambda n: evaluate_zipper(n, val)  # noqa: E731
+    evaluate = lambda n: evaluate_zipper(n, val)
     before = evaluate(net)
     t1 = time.perf_counter()
     evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate)
     t_cal = time.perf_counter() - t1
     evals = [(0, before)] + evals
-    row = {"depth": depth, "init": init, "seed": cfg.seed, "targets": targets, "before": before, "after": evals[-1][1],
-           "evals": [{"step": s, "acc": a} for s, a in evals],
-           "loss_first": curves["loss"][0] if curves.get("loss") else None,
-           "loss_last": curves["loss"][-1] if curves.get("loss") else None,
-           "merge_s": round(t_merge, 2), "calibrate_s": round(t_cal, 2)}
-    log.info("depth %2d seed %d %-11s before %s after %s  (merge %.1fs, calib %.1fs)", depth, cfg.seed, init,
-             fmt_acc(before), fmt_acc(row["after"]), t_merge, t_cal)
+    row = {
+        "depth": depth,
+        "init": init,
+        "seed": cfg.seed,
+        "targets": targets,
+        "before": before,
+        "after": evals[-1][1],
+        "evals": [{"step": s, "acc": a} for s, a in evals],
+        "loss_first": curves["loss"][0] if curves.get("loss") else None,
+        "loss_last": curves["loss"][-1] if curves.get("loss") else None,
+        "merge_s": round(t_merge, 2),
+        "calibrate_s": round(t_cal, 2),
+    }
+    log.info(
+        "depth %2d seed %d %-11s before %s after %s  (merge %.1fs, calib %.1fs)",
+        depth,
+        cfg.seed,
+        init,
+        fmt_acc(before),
+        fmt_acc(row["after"]),
+        t_merge,
+        t_cal,
+    )
     return row
 
 
@@ -142,12 +170,22 @@ def load_context(params: Params, root: str, eval_every: int, inits: list[str]) -
     layout = Layout(Path(root))
     teachers = load_teachers(params, layout)
     size = params.teachers.input_size
-    val = {t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size))
-           for t in params.tasks}
+    val = {
+        t: list(val_batches(layout.shards(t), input_size=size, batch_size=params.evaluate.batch_size))
+        for t in params.tasks
+    }
     # BN stats are re-estimated in run_one (before the "before" measurement), so calibrate must not redo it.
     cfg = dataclasses.replace(params.calibrate, bn_reset_batches=0)
-    return {"params": params, "layout": layout, "teachers": teachers, "val": val, "cfg": cfg, "inits": inits,
-            "eval_every": eval_every, "bn_batches": params.calibrate.bn_reset_batches or 10}
+    return {
+        "params": params,
+        "layout": layout,
+        "teachers": teachers,
+        "val": val,
+        "cfg": cfg,
+        "inits": inits,
+        "eval_every": eval_every,
+        "bn_batches": params.calibrate.bn_reset_batches or 10,
+    }
 
 
 def init_worker(params: Params, root: str, eval_every: int, inits: list[str], threads: int) -> None:
@@ -187,13 +225,29 @@ def mean_rows(rows: list[dict]) -> list[dict]:
         groups.setdefault((r["depth"], r["init"]), []).append(r)
     out = []
     for (depth, init), rs in sorted(groups.items()):
-        avg = lambda accs: {t: sum(a[t] for a in accs) / len(accs) for t in accs[0]}  # noqa: E731
+        avg = lambda accs: {t: sum(a[t] for a in accs) / len(accs) for t in accs[0]}
         steps = [e["step"] for e in rs[0]["evals"]]
-        out.append({"depth": depth, "init": init, "seeds": sorted(r["seed"] for r in rs),
-                    "before": avg([r["before"] for r in rs]), "after": avg([r["after"] for r in rs]),
-                    "evals": [{"step": s, "acc": avg([r["evals"][i]["acc"] for r in rs])}
-                              for i, s in enumerate(steps)]})
+        out.append(
+            {
+                "depth": depth,
+                "init": init,
+                "seeds": sorted(r["seed"] for r in rs),
+                "before": avg([r["before"] for r in rs]),
+                "after": avg([r["after"] for r in rs]),
+                "evals": [{"step": s, "acc": avg([r["evals"][i]["acc"] for r in rs])} for i, s in enumerate(steps)],
+            }
+        )
     return out
+
+
+def _seed_gaps(pairs: list[tuple[dict, dict]], key: str) -> list[float]:
+    """Per seed: the init's mean accuracy over tasks minus average's, in points."""
+    return [100 * (mean(r[key]) - mean(b[key])) for r, b in pairs]
+
+
+def _task_gaps(pairs: list[tuple[dict, dict]], key: str) -> dict[str, float]:
+    """Per task: the init's accuracy minus average's, in points, averaged over seeds."""
+    return {t: sum(100 * (r[key][t] - b[key][t]) for r, b in pairs) / len(pairs) for t in pairs[0][0][key]}
 
 
 def gaps(rows: list[dict], inits: list[str]) -> list[dict]:
@@ -203,18 +257,27 @@ def gaps(rows: list[dict], inits: list[str]) -> list[dict]:
     out = []
     for depth in sorted({r["depth"] for r in rows}):
         for init in inits:
-            pairs = [(by[(depth, init, s)], by[(depth, "average", s)]) for d, i, s in sorted(by)
-                     if d == depth and i == init != "average" and (depth, "average", s) in by]
+            pairs = [
+                (by[(depth, init, s)], by[(depth, "average", s)])
+                for d, i, s in sorted(by)
+                if d == depth and i == init != "average" and (depth, "average", s) in by
+            ]
             if not pairs:
                 continue
-            diff = lambda key: [100 * (mean(r[key]) - mean(b[key])) for r, b in pairs]  # noqa: E731
-            task_diff = lambda key: {t: sum(100 * (r[key][t] - b[key][t]) for r, b in pairs) / len(pairs)  # noqa: E731
-                                     for t in pairs[0][0][key]}
-            before, after = diff("before"), diff("after")
-            out.append({"depth": depth, "init": init, "seeds": len(pairs),
-                        "before_pp": sum(before) / len(before), "after_pp": sum(after) / len(after),
-                        "before_pp_seeds": before, "after_pp_seeds": after,
-                        "before_pp_task": task_diff("before"), "after_pp_task": task_diff("after")})
+            before, after = _seed_gaps(pairs, "before"), _seed_gaps(pairs, "after")
+            out.append(
+                {
+                    "depth": depth,
+                    "init": init,
+                    "seeds": len(pairs),
+                    "before_pp": sum(before) / len(before),
+                    "after_pp": sum(after) / len(after),
+                    "before_pp_seeds": before,
+                    "after_pp_seeds": after,
+                    "before_pp_task": _task_gaps(pairs, "before"),
+                    "after_pp_task": _task_gaps(pairs, "after"),
+                }
+            )
     return out
 
 
@@ -224,8 +287,11 @@ def claim(gap_rows: list[dict]) -> dict[str, Any]:
     out = {}
     for init in sorted({g["init"] for g in gap_rows}):
         gs = [g for g in gap_rows if g["init"] == init and g["depth"] >= 2]
-        fails = [{"depth": g["depth"], "before_pp": round(g["before_pp"], 2), "after_pp": round(g["after_pp"], 2)}
-                 for g in gs if not (g["before_pp"] > 0 and g["after_pp"] >= 0)]
+        fails = [
+            {"depth": g["depth"], "before_pp": round(g["before_pp"], 2), "after_pp": round(g["after_pp"], 2)}
+            for g in gs
+            if not (g["before_pp"] > 0 and g["after_pp"] >= 0)
+        ]
         out[init] = {"holds": not fails and bool(gs), "failures": fails}
     return out
 
@@ -237,56 +303,83 @@ def write_markdown(path: Path, result: dict) -> None:
     depths = sorted({d for d, _ in rows})
     seeds = sorted({r["seed"] for r in result["rows"]})
     c = result["config"]
-    L = ["# Alignment vs plain average: merged accuracy per depth", "",
-         "Made by (from the repository root):", "", "```", result["command"], "```", "",
-         f"- {result['arch']}; data: {result['data']}; teachers trained by `run_teachers` under `{result['root']}`, "
-         f"val accuracy " + ", ".join(f"{t} {100 * ta[t]:.2f}%" for t in tasks) + ".",
-         f"- every depth starts from the teachers (`zip_models(teachers, k, init=...)`, scope `{c['scope']}`), "
-         "not from the chain;",
-         f"- BN running stats re-estimated for every init on {c['bn_reset_batches']} calibration batches per task "
-         "(`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration) -> **before**;",
-         f"- then `zipper.calibrate.calibrate`: {c['steps']} steps, batch {c['batch_size']} per task, {c['optimizer']} "
-         f"lr {c['lr']} ({c['schedule']}), distill weight {c['distill_weight']}, teacher targets from the "
-         f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps;",
-         f"- *steps to 1pp*: first evaluated step (0 = before calibration) at which every task is within "
-         f"{WITHIN_PP:g} point of its teacher; `>{c['steps']}` = not within budget; the next columns: the same with "
-         + " and ".join(f"{pp:g}" for pp in LOOSE_PP) + " points;",
-         f"- activation matching uses {c['align_batches']} calibration batches per task;",
-         f"- every (depth, init) cell is run with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): a seed fixes "
-         "the calibration data order (the same for every init), the batches for BN re-estimation and activation "
-         "matching; numbers are means over seeds, gaps are taken per seed against `average` on the same data;",
-         f"- wall time {result['wall_s'] / 60:.1f} min, {result['jobs']} process(es) of {result['machine']}.", "",
-         "## Accuracy (%) per task, mean over seeds: " + " / ".join(tasks), "",
-         f"Teachers: {fmt_acc(ta)}.", "",
-         "| depth | init | before | after | "
-         + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
-         "|---:|---|---|---|" + "---:|" * (1 + len(LOOSE_PP))]
+    L = [
+        "# Alignment vs plain average: merged accuracy per depth",
+        "",
+        "Made by (from the repository root):",
+        "",
+        "```",
+        result["command"],
+        "```",
+        "",
+        f"- {result['arch']}; data: {result['data']}; teachers trained by `run_teachers` under `{result['root']}`, "
+        f"val accuracy " + ", ".join(f"{t} {100 * ta[t]:.2f}%" for t in tasks) + ".",
+        f"- every depth starts from the teachers (`zip_models(teachers, k, init=...)`, scope `{c['scope']}`), "
+        "not from the chain;",
+        f"- BN running stats re-estimated for every init on {c['bn_reset_batches']} calibration batches per task "
+        "(`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration) -> **before**;",
+        f"- then `zipper.calibrate.calibrate`: {c['steps']} steps, batch {c['batch_size']} per task, {c['optimizer']} "
+        f"lr {c['lr']} ({c['schedule']}), distill weight {c['distill_weight']}, teacher targets from the "
+        f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps;",
+        f"- *steps to 1pp*: first evaluated step (0 = before calibration) at which every task is within "
+        f"{WITHIN_PP:g} point of its teacher; `>{c['steps']}` = not within budget; the next columns: the same with "
+        + " and ".join(f"{pp:g}" for pp in LOOSE_PP)
+        + " points;",
+        f"- activation matching uses {c['align_batches']} calibration batches per task;",
+        f"- every (depth, init) cell is run with {len(seeds)} seed(s) ({', '.join(map(str, seeds))}): a seed fixes "
+        "the calibration data order (the same for every init), the batches for BN re-estimation and activation "
+        "matching; numbers are means over seeds, gaps are taken per seed against `average` on the same data;",
+        f"- wall time {result['wall_s'] / 60:.1f} min, {result['jobs']} process(es) of {result['machine']}.",
+        "",
+        "## Accuracy (%) per task, mean over seeds: " + " / ".join(tasks),
+        "",
+        f"Teachers: {fmt_acc(ta)}.",
+        "",
+        "| depth | init | before | after | " + " | ".join(f"steps to {pp:g}pp" for pp in (WITHIN_PP, *LOOSE_PP)) + " |",
+        "|---:|---|---|---|" + "---:|" * (1 + len(LOOSE_PP)),
+    ]
     for d in depths:
         for init in inits:
             r = rows.get((d, init))
             if r is None:
                 continue
             ss = [steps_to_close([(e["step"], e["acc"]) for e in r["evals"]], ta, pp) for pp in (WITHIN_PP, *LOOSE_PP)]
-            L.append(f"| {d} | {init} | {fmt_acc(r['before'])} | {fmt_acc(r['after'])} | "
-                     + " | ".join(str(s) if s is not None else f">{c['steps']}" for s in ss) + " |")
-    L += ["", "## Gap: aligned minus average (points, mean over tasks and seeds)", "",
-          "Per task (" + " / ".join(tasks) + ") and per seed in the last columns.", "",
-          "| depth | init | before | after | before per task | after per task | before per seed | after per seed |",
-          "|---:|---|---:|---:|---|---|---|---|"]
-    signed = lambda vs: "/".join(f"{v:+.1f}" for v in vs)  # noqa: E731
+            L.append(
+                f"| {d} | {init} | {fmt_acc(r['before'])} | {fmt_acc(r['after'])} | "
+                + " | ".join(str(s) if s is not None else f">{c['steps']}" for s in ss)
+                + " |"
+            )
+    L += [
+        "",
+        "## Gap: aligned minus average (points, mean over tasks and seeds)",
+        "",
+        "Per task (" + " / ".join(tasks) + ") and per seed in the last columns.",
+        "",
+        "| depth | init | before | after | before per task | after per task | before per seed | after per seed |",
+        "|---:|---|---:|---:|---|---|---|---|",
+    ]
+    signed = lambda vs: "/".join(f"{v:+.1f}" for v in vs)
     for g in result["gaps"]:
-        L.append(f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} | {g['after_pp']:+.2f} | "
-                 f"{signed(g['before_pp_task'].values())} | {signed(g['after_pp_task'].values())} | "
-                 f"{signed(g['before_pp_seeds'])} | {signed(g['after_pp_seeds'])} |")
-    L += ["", "## The alignment claim", "",
-          "\"At every depth >= 2, aligned init beats `average` before calibration, and is at least as accurate "
-          "after the same calibration budget\" (mean over tasks and seeds, over the depths measured):", ""]
+        L.append(
+            f"| {g['depth']} | {g['init']} | {g['before_pp']:+.2f} | {g['after_pp']:+.2f} | "
+            f"{signed(g['before_pp_task'].values())} | {signed(g['after_pp_task'].values())} | "
+            f"{signed(g['before_pp_seeds'])} | {signed(g['after_pp_seeds'])} |"
+        )
+    L += [
+        "",
+        "## The alignment claim",
+        "",
+        '"At every depth >= 2, aligned init beats `average` before calibration, and is at least as accurate '
+        'after the same calibration budget" (mean over tasks and seeds, over the depths measured):',
+        "",
+    ]
     for init, v in result["claim"].items():
         if v["holds"]:
             L.append(f"- `{init}`: holds.")
         else:
-            fails = ", ".join(f"depth {f['depth']} (before {f['before_pp']:+.2f}, after {f['after_pp']:+.2f})"
-                              for f in v["failures"])
+            fails = ", ".join(
+                f"depth {f['depth']} (before {f['before_pp']:+.2f}, after {f['after_pp']:+.2f})" for f in v["failures"]
+            )
             L.append(f"- `{init}`: does NOT hold at {fails}.")
     L += ["", f"![accuracy per depth before and after calibration]({path.with_suffix('.png').name})", ""]
     write_text(path, "\n".join(L))
@@ -294,6 +387,7 @@ def write_markdown(path: Path, result: dict) -> None:
 
 def write_plot(path: Path, result: dict) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -309,17 +403,34 @@ def write_plot(path: Path, result: dict) -> None:
         ds = [r["depth"] for r in rs]
         for ax, key in ((axes[0], "before"), (axes[1], "after")):
             for j, t in enumerate(tasks):
-                ax.plot(ds, [100 * r[key][t] for r in rs], color=styles.get(init), marker=marks[j % 4],
-                        linestyle="-" if j == 0 else "--", label=f"{init} / {t}")
+                ax.plot(
+                    ds,
+                    [100 * r[key][t] for r in rs],
+                    color=styles.get(init),
+                    marker=marks[j % 4],
+                    linestyle="-" if j == 0 else "--",
+                    label=f"{init} / {t}",
+                )
         for r in rs:
             if r["depth"] in shown:
-                axes[3].plot([e["step"] for e in r["evals"]], [100 * mean(e["acc"]) for e in r["evals"]],
-                             color=styles.get(init), marker=".", linestyle="-" if r["depth"] == shown[0] else "--",
-                             label=f"{init}, depth {r['depth']}")
+                axes[3].plot(
+                    [e["step"] for e in r["evals"]],
+                    [100 * mean(e["acc"]) for e in r["evals"]],
+                    color=styles.get(init),
+                    marker=".",
+                    linestyle="-" if r["depth"] == shown[0] else "--",
+                    label=f"{init}, depth {r['depth']}",
+                )
         for pp, ls in ((WITHIN_PP, "-"), (LOOSE_PP[-1], ":")):
             steps = [steps_to_close([(e["step"], e["acc"]) for e in r["evals"]], result["teacher_acc"], pp) for r in rs]
-            axes[2].plot(ds, [s if s is not None else c["steps"] * 1.15 for s in steps], color=styles.get(init),
-                         marker="o", linestyle=ls, label=f"{init}, {pp:g} pt")
+            axes[2].plot(
+                ds,
+                [s if s is not None else c["steps"] * 1.15 for s in steps],
+                color=styles.get(init),
+                marker="o",
+                linestyle=ls,
+                label=f"{init}, {pp:g} pt",
+            )
     for j, t in enumerate(tasks):
         for ax in axes[:2]:
             ax.axhline(100 * result["teacher_acc"][t], color="grey", linestyle="-" if j == 0 else "--", linewidth=0.8)
@@ -369,18 +480,24 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--steps", type=int, default=150, help="calibration budget per depth and init")
     ap.add_argument("--eval-every", type=int, default=25, help="evaluate val accuracy every N calibration steps")
     ap.add_argument("--batch-size", type=int, default=None, help="calibration batch per task (default: params)")
-    ap.add_argument("--targets", choices=("online", "cache", "params"), default="online",
-                    help="teacher targets: computed online (augmented batches; features.enabled=false), from the "
-                         "feature cache (features.enabled=true), or as params.yaml says. On this 2-core box the "
-                         "cache is the slower one (decoding 13 fp16 taps per sample costs more than a teacher forward)")
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads per process (small matrices: more than 1 is far slower)")
+    ap.add_argument(
+        "--targets",
+        choices=("online", "cache", "params"),
+        default="online",
+        help="teacher targets: computed online (augmented batches; features.enabled=false), from the "
+        "feature cache (features.enabled=true), or as params.yaml says. On this 2-core box the "
+        "cache is the slower one (decoding 13 fp16 taps per sample costs more than a teacher forward)",
+    )
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads per process (small matrices: more than 1 is far slower)"
+    )
     ap.add_argument("--seeds", default="0", help="comma list: each seed reruns every cell with its own data order")
     ap.add_argument("--jobs", type=int, default=1, help="worker processes, one (depth, seed) unit at a time each")
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
     ap.add_argument("--out", default="docs/alignment", help="output prefix: writes .json, .md, .png")
-    ap.add_argument("--render-only", action="store_true",
-                    help="rewrite <out>.md and <out>.png from <out>.json, run nothing")
+    ap.add_argument(
+        "--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json, run nothing"
+    )
     args = ap.parse_args(argv)
     if args.render_only:
         out = Path(args.out)
@@ -415,20 +532,39 @@ def main(argv: list[str] | None = None) -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    command = " ".join([".venv/bin/python", "benchmarks/compare_inits.py",
-                        *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
+    command = " ".join(
+        [".venv/bin/python", "benchmarks/compare_inits.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+    )
     result = {
-        "command": command, "root": str(layout.root), "tasks": tasks, "inits": inits, "depths": depths, "seeds": seeds,
-        "data": ", ".join(f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "
-                          f"{sum(len(y) for _, y in val[t])} val, {teachers[t].num_classes} classes)" for t in tasks),
+        "command": command,
+        "root": str(layout.root),
+        "tasks": tasks,
+        "inits": inits,
+        "depths": depths,
+        "seeds": seeds,
+        "data": ", ".join(
+            f"{t} ({read_manifest(layout.shards(t))['splits']['train']['count']} train / "
+            f"{sum(len(y) for _, y in val[t])} val, {teachers[t].num_classes} classes)"
+            for t in tasks
+        ),
         "arch": f"{params.teachers.arch}-{params.teachers.width:g} at {params.teachers.input_size} px",
         "teacher_acc": teacher_acc,
         "targets": "feature cache" if params.features.enabled else "teachers online (augmented)",
-        "config": {"scope": params.zipper.scope, "steps": cfg.steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
-                   "optimizer": cfg.optimizer, "schedule": cfg.schedule, "distill_weight": cfg.distill_weight,
-                   "kd_weight": cfg.kd_weight, "grad_clip": cfg.grad_clip, "eval_every": args.eval_every,
-                   "bn_reset_batches": ctx["bn_batches"], "align_batches": params.zipper.align_batches,
-                   "threads": args.threads},
+        "config": {
+            "scope": params.zipper.scope,
+            "steps": cfg.steps,
+            "batch_size": cfg.batch_size,
+            "lr": cfg.lr,
+            "optimizer": cfg.optimizer,
+            "schedule": cfg.schedule,
+            "distill_weight": cfg.distill_weight,
+            "kd_weight": cfg.kd_weight,
+            "grad_clip": cfg.grad_clip,
+            "eval_every": args.eval_every,
+            "bn_reset_batches": ctx["bn_batches"],
+            "align_batches": params.zipper.align_batches,
+            "threads": args.threads,
+        },
         "machine": f"{args.threads} torch thread(s), CPU, torch {torch.__version__}",
         "jobs": args.jobs,
         "rows": [],
@@ -449,8 +585,12 @@ def main(argv: list[str] | None = None) -> None:
             collect(run_unit(*unit))
     else:
         # spawn: fresh interpreters (no forked torch thread pools); each loads teachers and val once.
-        with ProcessPoolExecutor(args.jobs, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
-                                 initargs=(params, args.root, args.eval_every, inits, args.threads)) as pool:
+        with ProcessPoolExecutor(
+            args.jobs,
+            mp_context=multiprocessing.get_context("spawn"),
+            initializer=init_worker,
+            initargs=(params, args.root, args.eval_every, inits, args.threads),
+        ) as pool:
             for future in as_completed([pool.submit(run_unit, *unit) for unit in units]):
                 collect(future.result())
     write_markdown(out.with_suffix(".md"), result)

@@ -9,6 +9,7 @@ With `--speedups`, also each depth's measured speedup in both runs (timings: not
 A root is a folder holding metrics/ (a clone where `make demo` ran); `git:REV` reads the metrics
 committed at REV of this repository instead (e.g. `git:HEAD`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,10 +25,19 @@ def read_rows(source: str) -> dict[int, dict]:
     """{depth: metrics row} of a root folder or of `git:REV`."""
     if source.startswith("git:"):
         rev = source[4:]
-        names = subprocess.run(["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:metrics"],
-                               capture_output=True, text=True, check=True).stdout.split()
-        texts = [subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:metrics/{n}"], capture_output=True,
-                                text=True, check=True).stdout for n in names if n.startswith("depth_")]
+        names = subprocess.run(
+            ["git", "-C", str(REPO), "ls-tree", "--name-only", f"{rev}:metrics"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.split()
+        texts = [
+            subprocess.run(
+                ["git", "-C", str(REPO), "show", f"{rev}:metrics/{n}"], capture_output=True, text=True, check=True
+            ).stdout
+            for n in names
+            if n.startswith("depth_")
+        ]
     else:
         texts = [p.read_text() for p in Path(source, "metrics").glob("depth_*.json")]
     rows = [json.loads(t) for t in texts]

@@ -6,6 +6,7 @@ tiny project and reports the exit status, the error's last line and whether anyt
 Prints a markdown table (one row per case, about 3 minutes on 2 cores). Every case must fail with a
 clear error and leave the project as it was; the script exits 1 when one does not.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,8 +36,11 @@ def zipper(root: Path, *args: str, env: dict | None = None) -> subprocess.Comple
 
 def snapshot(root: Path) -> dict[str, int]:
     """Every file under the root with its mtime: what a failed command must leave alone."""
-    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.rglob("*")
-            if p.is_file() and not p.name.startswith(".zipper")}
+    return {
+        str(p.relative_to(root)): p.stat().st_mtime_ns
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".zipper")
+    }
 
 
 # ------------------------------------------------------------------------------------ the cases
@@ -82,8 +86,10 @@ def _image_folder(root: Path, extra: Callable[[Path], None]) -> Path:
 def folder_case(extra: Callable[[Path], None]) -> Callable[[Path], subprocess.CompletedProcess]:
     def run(root: Path) -> subprocess.CompletedProcess:
         folder = _image_folder(root, extra)
-        return zipper(root, "data", "--task", "shapes", "--set",
-                      f"data.tasks.shapes={{source: imagefolder, root: {folder}}}")
+        return zipper(
+            root, "data", "--task", "shapes", "--set", f"data.tasks.shapes={{source: imagefolder, root: {folder}}}"
+        )
+
     return run
 
 
@@ -109,6 +115,7 @@ def manifest_case(edit: Callable[[Path], None]) -> Callable[[Path], subprocess.C
     def run(root: Path) -> subprocess.CompletedProcess:
         edit(root / "data" / "shards" / "shapes")
         return zipper(root, "teachers", *FAST)
+
     return run
 
 
@@ -166,9 +173,11 @@ def _corrupt_teacher(root: Path) -> subprocess.CompletedProcess:
 
 
 def _held_root(root: Path) -> subprocess.CompletedProcess:
-    code = ("import sys, time\nfrom zipper.locks import root_lock\n"
-            "with root_lock(sys.argv[1], 'zipper zip --depth 3'):\n"
-            "    print('held', flush=True)\n    time.sleep(120)\n")
+    code = (
+        "import sys, time\nfrom zipper.locks import root_lock\n"
+        "with root_lock(sys.argv[1], 'zipper zip --depth 3'):\n"
+        "    print('held', flush=True)\n    time.sleep(120)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(root)], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None  # stdout=PIPE
     try:
@@ -222,8 +231,14 @@ def run_case(name: str, case: Callable, scratch: Path, base: Path, i: int) -> di
     lost = sorted(p for p in before if after.get(p) != before[p] and not p.startswith(edited_by_the_case))
     errors = [ln for ln in lines if ln.startswith("zipper: error:")] or lines
     error = (errors[-1] if errors else "").replace(str(root), "<root>")
-    return {"case": name, "rc": proc.returncode, "error": error, "lost": lost,
-            "executed": (root / "PWNED").exists(), "seconds": time.perf_counter() - t0}
+    return {
+        "case": name,
+        "rc": proc.returncode,
+        "error": error,
+        "lost": lost,
+        "executed": (root / "PWNED").exists(),
+        "seconds": time.perf_counter() - t0,
+    }
 
 
 def markdown(rows: list[dict]) -> str:

@@ -14,6 +14,7 @@ caches (linked) and teachers (copied): a second recipe is compared on the same t
 Writes `<out>.json` (every row), `<out>.md` (tables + the command) and `<out>.png` (worst drop and
 calibration steps against depth, one line per arch).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,12 +27,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from compare_inits import ensure_teachers  # a sibling script: benchmarks/ is on sys.path
+
 from zipper.config import Params, load_params, parse_overrides
 from zipper.graph import Layout
 from zipper.io import atomic_path, write_json, write_text
 from zipper.models import build_model
 from zipper.runtime import set_threads
-from zipper.stages import run_data, run_evaluate, run_features, run_teachers, run_zip
+from zipper.stages import run_evaluate, run_zip
 
 log = logging.getLogger("sweep_archs")
 ARCHS = "mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5"
@@ -54,12 +57,7 @@ def run_arch(params: Params, layout: Layout, teachers_from: Layout | None) -> li
             target = layout.root / made.relative_to(teachers_from.root)
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy(made, target)
-    if not all((layout.shards(t) / "manifest.json").exists() for t in tasks):
-        run_data(params, layout)
-    if not all(layout.teacher(t).exists() for t in tasks):
-        run_teachers(params, layout)
-    if not all(layout.features(t).exists() for t in tasks):
-        run_features(params, layout)
+    ensure_teachers(params, layout)
     rows = []
     for depth in [0, *params.zipper.depths]:
         t0 = time.perf_counter()
@@ -68,8 +66,14 @@ def run_arch(params: Params, layout: Layout, teachers_from: Layout | None) -> li
         if not layout.metrics(depth).exists():
             run_evaluate(params, layout, depth)
         row = json.loads(layout.metrics(depth).read_text())
-        log.info("%s depth %d: worst drop %.2f pp after %d steps (%.0f s)", params.teachers.arch, depth,
-                 row["max_drop_pp"], row["steps"], time.perf_counter() - t0)
+        log.info(
+            "%s depth %d: worst drop %.2f pp after %d steps (%.0f s)",
+            params.teachers.arch,
+            depth,
+            row["max_drop_pp"],
+            row["steps"],
+            time.perf_counter() - t0,
+        )
         rows.append(row)
     return rows
 
@@ -77,33 +81,45 @@ def run_arch(params: Params, layout: Layout, teachers_from: Layout | None) -> li
 def write_markdown(path: Path, result: dict[str, Any]) -> None:
     runs = result["runs"]
     deepest = max(len(r["rows"]) for r in runs)
-    lines = [f"# Worst val drop against depth, per architecture ({result['label']})", "",
-             f"Made by `{result['command']}` in {result['wall_s'] / 60:.0f} min.", "",
-             f"- tasks: {', '.join(result['tasks'])}; input size {result['input_size']} px; calibration: "
-             f"{result['calibrate']}", "",
-             "Worst drop (points below the teacher, the worse task) at each depth; in brackets the calibration "
-             "steps the depth used.", "",
-             "| depth | " + " | ".join(f"{r['arch']} {r['width']:g}" for r in runs) + " |",
-             "|---:|" + "---:|" * len(runs)]
+    lines = [
+        f"# Worst val drop against depth, per architecture ({result['label']})",
+        "",
+        f"Made by `{result['command']}` in {result['wall_s'] / 60:.0f} min.",
+        "",
+        f"- tasks: {', '.join(result['tasks'])}; input size {result['input_size']} px; calibration: "
+        f"{result['calibrate']}",
+        "",
+        "Worst drop (points below the teacher, the worse task) at each depth; in brackets the calibration "
+        "steps the depth used.",
+        "",
+        "| depth | " + " | ".join(f"{r['arch']} {r['width']:g}" for r in runs) + " |",
+        "|---:|" + "---:|" * len(runs),
+    ]
     for depth in range(1, deepest):
         cells = []
         for r in runs:
             row = r["rows"][depth] if depth < len(r["rows"]) else None
             cells.append("" if row is None else f"{row['max_drop_pp']:.2f} ({row['steps']})")
         lines.append(f"| {depth} | " + " | ".join(cells) + " |")
-    lines += ["", "| arch | teachers (%) | worst drop, any depth (pp) | worst drop, depths 1-3 (pp) | "
-              "total steps |", "|---|---|---:|---:|---:|"]
+    lines += [
+        "",
+        "| arch | teachers (%) | worst drop, any depth (pp) | worst drop, depths 1-3 (pp) | total steps |",
+        "|---|---|---:|---:|---:|",
+    ]
     for r in runs:
         rows = r["rows"][1:]
         teachers = " / ".join(f"{100 * a:.2f}" for a in r["rows"][0]["teacher_acc"].values())
-        lines.append(f"| {r['arch']} {r['width']:g} | {teachers} | {max(x['max_drop_pp'] for x in rows):.2f} | "
-                     f"{max(x['max_drop_pp'] for x in rows[:3]):.2f} | {sum(x['steps'] for x in rows)} |")
+        lines.append(
+            f"| {r['arch']} {r['width']:g} | {teachers} | {max(x['max_drop_pp'] for x in rows):.2f} | "
+            f"{max(x['max_drop_pp'] for x in rows[:3]):.2f} | {sum(x['steps'] for x in rows)} |"
+        )
     lines += ["", f"![worst drop against depth]({path.with_suffix('.png').name})", ""]
     write_text(path, "\n".join(lines))
 
 
 def write_plot(path: Path, result: dict[str, Any]) -> None:
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -132,8 +148,12 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--params", default="params.yaml")
     ap.add_argument("--root", default="/tmp/zipper-sweep", help="scratch root, one folder per arch")
-    ap.add_argument("--archs", default=ARCHS, help="comma list of arch:width[:KEY=VALUE...], the settings for that "
-                    "arch alone (e.g. mobilenet_v3_small:1.0:teachers.lr=0.1)")
+    ap.add_argument(
+        "--archs",
+        default=ARCHS,
+        help="comma list of arch:width[:KEY=VALUE...], the settings for that "
+        "arch alone (e.g. mobilenet_v3_small:1.0:teachers.lr=0.1)",
+    )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
     ap.add_argument("--teachers-from", help="another sweep's root: reuse its shards, caches and teachers")
     ap.add_argument("--label", default="default recipe", help="names the run in the table and plot titles")
@@ -152,15 +172,25 @@ def main(argv: list[str] | None = None) -> None:
             arch, width, *arch_sets = item.split(":")
             params = arch_params(args.params, arch, float(width), {**overrides, **parse_overrides(arch_sets)})
             folder = f"{arch}-{width}"
-            rows = run_arch(params, Layout(Path(args.root) / folder),
-                            Layout(Path(args.teachers_from) / folder) if args.teachers_from else None)
+            rows = run_arch(
+                params,
+                Layout(Path(args.root) / folder),
+                Layout(Path(args.teachers_from) / folder) if args.teachers_from else None,
+            )
             runs.append({"arch": arch, "width": params.teachers.width, "rows": rows})
         assert params is not None
-        command = " ".join([".venv/bin/python", "benchmarks/sweep_archs.py",
-                            *map(shlex.quote, sys.argv[1:] if argv is None else argv)])
-        result = {"command": command, "label": args.label, "tasks": params.tasks,
-                  "input_size": params.teachers.input_size, "calibrate": _recipe(params),
-                  "wall_s": time.perf_counter() - wall0, "runs": runs}
+        command = " ".join(
+            [".venv/bin/python", "benchmarks/sweep_archs.py", *map(shlex.quote, sys.argv[1:] if argv is None else argv)]
+        )
+        result = {
+            "command": command,
+            "label": args.label,
+            "tasks": params.tasks,
+            "input_size": params.teachers.input_size,
+            "calibrate": _recipe(params),
+            "wall_s": time.perf_counter() - wall0,
+            "runs": runs,
+        }
         out.parent.mkdir(parents=True, exist_ok=True)
         write_json(out.with_suffix(".json"), result)
     write_markdown(out.with_suffix(".md"), result)
@@ -170,9 +200,14 @@ def main(argv: list[str] | None = None) -> None:
 
 def _recipe(params: Params) -> str:
     c = params.calibrate
-    until = "fixed budget" if c.until is None else (
-        f"until every task is within {c.until.max_drop_pp:g} pt on the held-out split (checked every "
-        f"{c.until.check_every} steps)")
+    until = (
+        "fixed budget"
+        if c.until is None
+        else (
+            f"until every task is within {c.until.max_drop_pp:g} pt on the held-out split (checked every "
+            f"{c.until.check_every} steps)"
+        )
+    )
     return f"{c.steps} steps at most, lr {c.lr:g}, batch {c.batch_size} per task, {until}"
 
 

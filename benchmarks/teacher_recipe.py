@@ -23,6 +23,7 @@ Shards are written once per data setting under `--root` and reused. Results accu
 `<out>.logs/` the workers' progress.
 `--jobs` slots run at once; a unit with T threads holds T slots.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -62,8 +63,12 @@ def worker(spec: dict[str, Any]) -> dict[str, Any]:
     model, acc = train_teacher(spec.pop("shards"), **{k: v for k, v in spec.items() if k not in ("threads",)})
     wall = time.perf_counter() - t0
     digest = hashlib.sha256(b"".join(v.detach().numpy().tobytes() for v in model.state_dict().values())).hexdigest()
-    return {"acc": 100 * acc, "wall_s": wall, "weights_sha256": digest[:16],
-            "capability": torch.backends.cpu.get_cpu_capability()}
+    return {
+        "acc": 100 * acc,
+        "wall_s": wall,
+        "weights_sha256": digest[:16],
+        "capability": torch.backends.cpu.get_cpu_capability(),
+    }
 
 
 # ------------------------------------------------------------------------------------ planning
@@ -80,8 +85,10 @@ def parse_recipe(text: str) -> tuple[str, dict[str, Any]]:
     for item in filter(None, re.split(r",(?![^\[]*\])", rest)):  # commas inside [...] belong to a value
         key, sep, value = item.partition("=")
         if not sep or not (key in TEACHER_KEYS + DATA_KEYS or is_knob(key)):
-            raise SystemExit(f"--recipe {text!r}: expected KEY=VALUE with KEY in {', '.join(TEACHER_KEYS + DATA_KEYS)} "
-                             "or a knob of zipper/data/synthetic.py")
+            raise SystemExit(
+                f"--recipe {text!r}: expected KEY=VALUE with KEY in {', '.join(TEACHER_KEYS + DATA_KEYS)} "
+                "or a knob of zipper/data/synthetic.py"
+            )
         over[key] = yaml.safe_load(value)
     return name, over
 
@@ -122,11 +129,22 @@ def plan(args: argparse.Namespace, params: dict[str, Any]) -> list[dict[str, Any
             runs = [(s, paths[0]) for s in args.seeds] + [(args.seeds[0], p) for p in paths[1:]]
             for seed, path in runs:
                 for i, task in enumerate(args.tasks):
-                    units.append({"recipe": name, "overrides": over, "task": task, "steps": steps, "seed": seed,
-                                  **path, "data": {**params["data"]["tasks"][task],
-                                                   **{k: v for k, v in over.items() if k in DATA_KEYS}},
-                                  "knobs": {k: v for k, v in over.items() if is_knob(k)},
-                                  "task_seed": seed + params["tasks"].index(task)})
+                    units.append(
+                        {
+                            "recipe": name,
+                            "overrides": over,
+                            "task": task,
+                            "steps": steps,
+                            "seed": seed,
+                            **path,
+                            "data": {
+                                **params["data"]["tasks"][task],
+                                **{k: v for k, v in over.items() if k in DATA_KEYS},
+                            },
+                            "knobs": {k: v for k, v in over.items() if is_knob(k)},
+                            "task_seed": seed + params["tasks"].index(task),
+                        }
+                    )
     return units
 
 
@@ -163,18 +181,27 @@ class Slots:
                 self.cv.notify_all()
 
 
-def run_unit(u: dict[str, Any], teachers: dict[str, Any], shards: Path, slots: Slots, jobs: int,
-             log_dir: Path) -> dict[str, Any]:
-    spec = {k: teachers[k] for k in ("arch", "width", "input_size", "batch_size", "lr", "weight_decay", "momentum",
-                                     "augment")}
+def run_unit(
+    u: dict[str, Any], teachers: dict[str, Any], shards: Path, slots: Slots, jobs: int, log_dir: Path
+) -> dict[str, Any]:
+    spec = {
+        k: teachers[k]
+        for k in ("arch", "width", "input_size", "batch_size", "lr", "weight_decay", "momentum", "augment")
+    }
     spec.update({k: v for k, v in u["overrides"].items() if k in TEACHER_KEYS})
     spec.update(shards=str(shards), steps=u["steps"], seed=u["task_seed"], threads=u["threads"])
     env = {**os.environ, ENV["isa"]: u["isa"], ENV["onednn"]: u["onednn"], "OMP_NUM_THREADS": str(u["threads"])}
     name = f"{u['recipe']}-{u['task']}-{u['steps']}-s{u['seed']}-t{u['threads']}-{u['isa']}-{u['onednn']}"
     log_file = log_dir / f"{name}.log"  # the worker's stderr: tqdm progress, tracebacks
     with slots.hold(min(u["threads"], jobs)), open(log_file, "w") as err:
-        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], env=env, cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=err, text=True)
+        proc = subprocess.run(
+            [sys.executable, __file__, "--worker", json.dumps(spec)],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=err,
+            text=True,
+        )
     if proc.returncode != 0:
         raise RuntimeError(f"worker failed ({unit_key(u)}):\n{log_file.read_text()[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -198,21 +225,30 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
     def base(r: dict[str, Any]) -> bool:
         return r["seed"] == base_seed and on_base_path(r)
 
-    lines = ["Val accuracy (%) of MobileNetV1-0.25 teachers; recipes override params.yaml `teachers` / `data.tasks`:",
-             ""]
-    lines += [f"- `{n}`: {', '.join(f'{k}={v}' for k, v in o.items()) or 'params.yaml as is'}"
-              for n, o in recipes.items()]
-    lines += ["", f"### Steps (seed {base_seed}, {path_name(base_path)})", "",
-              "| recipe | steps | " + " | ".join(f"{t} | Δ vs half" for t in tasks) + " | s/teacher |",
-              "|---|---:|" + "---:|---:|" * len(tasks) + "---:|"]
+    lines = [
+        "Val accuracy (%) of MobileNetV1-0.25 teachers; recipes override params.yaml `teachers` / `data.tasks`:",
+        "",
+    ]
+    lines += [
+        f"- `{n}`: {', '.join(f'{k}={v}' for k, v in o.items()) or 'params.yaml as is'}" for n, o in recipes.items()
+    ]
+    lines += [
+        "",
+        f"### Steps (seed {base_seed}, {path_name(base_path)})",
+        "",
+        "| recipe | steps | " + " | ".join(f"{t} | Δ vs half" for t in tasks) + " | s/teacher |",
+        "|---|---:|" + "---:|---:|" * len(tasks) + "---:|",
+    ]
     for name in recipes:
         rows = {(r["steps"], r["task"]): r for r in results if r["recipe"] == name and base(r)}
         for steps in sorted({s for s, _ in rows}):
             cells = []
             for t in tasks:
                 row, half = rows.get((steps, t)), rows.get((steps // 2, t)) if steps % 2 == 0 else None
-                cells += [f"{row['acc']:.2f}" if row else "",
-                          f"{row['acc'] - half['acc']:+.2f}" if row and half else ""]
+                cells += [
+                    f"{row['acc']:.2f}" if row else "",
+                    f"{row['acc'] - half['acc']:+.2f}" if row and half else "",
+                ]
             walls = [r["wall_s"] for (s, _), r in rows.items() if s == steps]
             lines.append(f"| {name} | {steps} | " + " | ".join(cells) + f" | {sum(walls) / len(walls):.0f} |")
     for title, varies in (("Seeds (base kernel path)", "seed"), ("Kernel paths (seed %d)" % base_seed, "path")):
@@ -223,15 +259,22 @@ def markdown(results: list[dict[str, Any]], commands: list[str], base_path: dict
         groups = {k: v for k, v in groups.items() if len(v) > 1}
         if not groups:
             continue
-        lines += ["", f"### {title}", "",
-                  "| recipe | steps | task | " + varies + ": accuracy | spread | distinct weights |",
-                  "|---|---:|---|---|---:|---:|"]
-        for (name, steps, task), rs in sorted(groups.items(),
-                                              key=lambda kv: (list(recipes).index(kv[0][0]), *kv[0][1:])):
+        lines += [
+            "",
+            f"### {title}",
+            "",
+            "| recipe | steps | task | " + varies + ": accuracy | spread | distinct weights |",
+            "|---|---:|---|---|---:|---:|",
+        ]
+        for (name, steps, task), rs in sorted(
+            groups.items(), key=lambda kv: (list(recipes).index(kv[0][0]), *kv[0][1:])
+        ):
             label = (lambda r: f"{r['seed']}") if varies == "seed" else path_name
             accs = ", ".join(f"{label(r)}: {r['acc']:.2f}" for r in rs)
-            lines.append(f"| {name} | {steps} | {task} | {accs} | {spread([r['acc'] for r in rs]):.2f} | "
-                         f"{len({r['weights_sha256'] for r in rs})}/{len(rs)} |")
+            lines.append(
+                f"| {name} | {steps} | {task} | {accs} | {spread([r['acc'] for r in rs]):.2f} | "
+                f"{len({r['weights_sha256'] for r in rs})}/{len(rs)} |"
+            )
     lines += ["", "Made with:", "", "```"] + commands + ["```", ""]
     return "\n".join(lines)
 
@@ -242,8 +285,8 @@ def main() -> None:
     p.add_argument("--params", default="params.yaml")
     p.add_argument("--root", default="/tmp/zipper-teacher-recipe", help="scratch: shards")
     p.add_argument("--recipe", action="append", type=parse_recipe, help="NAME:KEY=VALUE,... (repeatable)")
-    ints = lambda s: [int(x) for x in s.split(",")]  # noqa: E731
-    strs = lambda s: s.split(",")  # noqa: E731
+    ints = lambda s: [int(x) for x in s.split(",")]
+    strs = lambda s: s.split(",")
     p.add_argument("--steps", type=ints, default=[450, 900, 1800])
     p.add_argument("--seeds", type=ints, default=[0])
     p.add_argument("--threads", type=ints, default=[1])
@@ -289,8 +332,10 @@ def main() -> None:
     slots, lock, t0, failed = Slots(args.jobs), threading.Lock(), time.perf_counter(), 0
     units.sort(key=lambda u: -u["steps"] * u["threads"])  # longest first: less idle time at the end
     with ThreadPoolExecutor(max_workers=args.jobs) as pool:
-        futures = {pool.submit(run_unit, u, params["teachers"], shards[unit_key(u)], slots, args.jobs, log_dir): u
-                   for u in units}
+        futures = {
+            pool.submit(run_unit, u, params["teachers"], shards[unit_key(u)], slots, args.jobs, log_dir): u
+            for u in units
+        }
         for n, fut in enumerate(as_completed(futures), 1):
             u = futures[fut]
             try:
@@ -303,8 +348,11 @@ def main() -> None:
                 state["results"].append(res)
                 write_json(out_json, state)
                 write_text(args.out + ".md", markdown(state["results"], state["commands"], base_path))
-            print(f"[{n}/{len(units)} {time.perf_counter() - t0:5.0f}s] {u['recipe']} {u['task']} steps={u['steps']} "
-                  f"seed={u['seed']} {path_name(u)}: {res['acc']:.2f}% in {res['wall_s']:.0f} s", flush=True)
+            print(
+                f"[{n}/{len(units)} {time.perf_counter() - t0:5.0f}s] {u['recipe']} {u['task']} steps={u['steps']} "
+                f"seed={u['seed']} {path_name(u)}: {res['acc']:.2f}% in {res['wall_s']:.0f} s",
+                flush=True,
+            )
     write_text(args.out + ".md", markdown(state["results"], state["commands"], base_path))
     print(f"wrote {out_json} and {args.out}.md" + (f"; {failed} teachers FAILED" if failed else ""), flush=True)
     sys.exit(1 if failed else 0)

@@ -1,4 +1,5 @@
 """Shared fixtures: tiny models and tiny class-conditional image tasks made on the fly."""
+
 from __future__ import annotations
 
 import contextlib
@@ -22,8 +23,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_PARAMS = REPO / "tests" / "fixtures" / "params.tiny.yaml"
 
 
-def blob_task(num_classes: int, n: int, seed: int, size: int = 32,
-              kind: str = "colour") -> tuple[torch.Tensor, torch.Tensor]:
+def blob_task(
+    num_classes: int, n: int, seed: int, size: int = 32, kind: str = "colour"
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Images whose class is a colour (kind="colour") or a stripe frequency (kind="stripes"), plus noise."""
     g = torch.Generator().manual_seed(seed)
     y = torch.randint(0, num_classes, (n,), generator=g)
@@ -43,7 +45,7 @@ def batches(x: torch.Tensor, y: torch.Tensor, batch_size: int, seed: int = 0):
     while True:
         idx = torch.randperm(len(y), generator=g)
         for i in range(0, len(y) - batch_size + 1, batch_size):
-            j = idx[i:i + batch_size]
+            j = idx[i : i + batch_size]
             yield x[j], y[j]
 
 
@@ -52,15 +54,19 @@ def tiny_teachers():
     import zipper
 
     torch.manual_seed(0)
-    return {"a": zipper.build_model("mobilenet_v1", 5, **TINY).eval(),
-            "b": zipper.build_model("mobilenet_v1", 3, **TINY).eval()}
+    return {
+        "a": zipper.build_model("mobilenet_v1", 5, **TINY).eval(),
+        "b": zipper.build_model("mobilenet_v1", 3, **TINY).eval(),
+    }
 
 
 @contextlib.contextmanager
 def holding_root(root: Path, command: str):
     """Another process holds `root`'s lock for the block (and is killed after it)."""
-    code = ("import sys, time\nfrom zipper.locks import root_lock\n"
-            "with root_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n")
+    code = (
+        "import sys, time\nfrom zipper.locks import root_lock\n"
+        "with root_lock(sys.argv[1], sys.argv[2]):\n    print('held', flush=True)\n    time.sleep(600)\n"
+    )
     holder = subprocess.Popen([sys.executable, "-c", code, str(root), command], stdout=subprocess.PIPE, text=True)
     assert holder.stdout is not None  # stdout=PIPE
     try:
@@ -92,8 +98,17 @@ def stages_ran(output: str) -> set[str]:
 
 
 def git(cwd: Path, *args: str) -> str:
-    return run_ok(cwd, "git", "-c", "user.name=zipper tests", "-c", "user.email=tests@zipper.invalid",
-                  "-c", "commit.gpgsign=false", *args)
+    return run_ok(
+        cwd,
+        "git",
+        "-c",
+        "user.name=zipper tests",
+        "-c",
+        "user.email=tests@zipper.invalid",
+        "-c",
+        "commit.gpgsign=false",
+        *args,
+    )
 
 
 def digests(path: Path) -> dict[str, str]:

@@ -1,4 +1,5 @@
 """Permutation alignment: permuting keeps the function, alignment undoes a shuffle, the merge is exact."""
+
 from __future__ import annotations
 
 import copy
@@ -63,8 +64,9 @@ def _err(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 def _undoes(found: dict, shuffle: dict) -> bool:
     # copy[i] = teacher[shuffle[i]]; aligned[i] = copy[found[i]] must be teacher[i]
-    return set(found) == set(shuffle) and all(torch.equal(shuffle[n][found[n]], torch.arange(len(found[n])))
-                                              for n in found)
+    return set(found) == set(shuffle) and all(
+        torch.equal(shuffle[n][found[n]], torch.arange(len(found[n]))) for n in found
+    )
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHS))
@@ -84,12 +86,18 @@ def test_permuting_every_group_keeps_the_outputs(arch):
 def test_spec_follows_the_mobilenet_rules():
     v1 = permutation_spec(zipper.build_model("mobilenet_v1", 5, width=0.25, input_size=SIZE))
     stem = v1.groups["stem.0"]  # the stem conv's outputs: its BN, block 0's depthwise conv + BN, block 0's pw input
-    assert {k for k, _ in stem.axes} >= {"stem.0.weight", "stem.1.weight", "blocks.0.dw.0.weight",
-                                          "blocks.0.dw.1.running_var", "blocks.0.pw.0.weight"}
+    assert {k for k, _ in stem.axes} >= {
+        "stem.0.weight",
+        "stem.1.weight",
+        "blocks.0.dw.0.weight",
+        "blocks.0.dw.1.running_var",
+        "blocks.0.pw.0.weight",
+    }
     assert ("blocks.0.pw.0.weight", 1) in stem.axes and not any(n.startswith("blocks.0.dw") for n in v1.groups)
     assert ("head.2.weight", 1) in v1.groups["blocks.12.pw.0"].axes  # classifier input follows the last group
-    assert all(not (k == "head.2.weight" and ax == 0) and k != "head.2.bias" for g in v1.groups.values()
-               for k, ax in g.axes)  # class outputs never move
+    assert all(
+        not (k == "head.2.weight" and ax == 0) and k != "head.2.bias" for g in v1.groups.values() for k, ax in g.axes
+    )  # class outputs never move
     v2 = permutation_spec(zipper.build_model("mobilenet_v2", 5, width=1.0, input_size=SIZE))
     chain = v2.groups["blocks.1.conv.2"]  # 24 channels: block 1's projection and, across the skip, block 2's
     assert ("blocks.1.conv.2.weight", 0) in chain.axes and ("blocks.2.conv.2.weight", 0) in chain.axes
@@ -97,8 +105,11 @@ def test_spec_follows_the_mobilenet_rules():
     assert "blocks.2.conv.2" not in v2.groups
     v3 = permutation_spec(zipper.build_model("mobilenet_v3_small", 5, width=1.0, input_size=SIZE))
     se = v3.groups["blocks.0.block.1.fc1"]
-    assert set(se.axes) == {("blocks.0.block.1.fc1.weight", 0), ("blocks.0.block.1.fc1.bias", 0),
-                            ("blocks.0.block.1.fc2.weight", 1)}
+    assert set(se.axes) == {
+        ("blocks.0.block.1.fc1.weight", 0),
+        ("blocks.0.block.1.fc1.bias", 0),
+        ("blocks.0.block.1.fc2.weight", 1),
+    }
     assert ("blocks.0.block.1.fc2.weight", 0) in v3.groups["stem.0"].axes
     assert not any(v3.groups[n].position == v3.num_blocks for n in v3.free())  # heads are never aligned
 
@@ -124,8 +135,9 @@ def test_activations_undo_a_shuffle(shuffled):
     found = find_permutations([teacher, copy_], "activations", batches=batches)
     assert _undoes(found[1], perms)
     x = _inputs(4, 13)
-    merged = zipper.zip_models({"a": teacher, "b": copy_}, teacher.num_blocks, init="activations",
-                               batches=[b for b, _ in batches]).eval()(x)
+    merged = zipper.zip_models(
+        {"a": teacher, "b": copy_}, teacher.num_blocks, init="activations", batches=[b for b, _ in batches]
+    ).eval()(x)
     assert _err(merged["b"], teacher(x)) < 1e-5
 
 
@@ -142,7 +154,7 @@ def test_start_block_keeps_earlier_channels(arch):
     assert _undoes(found, perms)
     # A model shuffled before k too: alignment must not touch the stem or blocks[:k] ...
     _, aligned = align_models([teacher, decoy], "weights", start_block=k)
-    before = lambda key: key.startswith("stem.") or any(key.startswith(f"blocks.{i}.") for i in range(k))  # noqa: E731
+    before = lambda key: key.startswith("stem.") or any(key.startswith(f"blocks.{i}.") for i in range(k))
     ref = decoy.state_dict()
     for key, value in aligned.state_dict().items():
         if before(key):
@@ -157,8 +169,9 @@ def test_chain_step_aligns_branches_after_the_trunk(scope, method):
     """Depth k -> L from a zipped net whose branches differ by a shuffle after block k: exact teacher."""
     teacher = _teacher("mobilenet_v2")
     k = 3
-    copy_ = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(8),
-                                                       start_block=k))
+    copy_ = permute_model(
+        teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(8), start_block=k)
+    )
     net = zipper.zip_models({"a": teacher, "b": copy_}, k, scope=scope)
     before = copy.deepcopy(net.state_dict())
     batches = [_inputs(8, 30 + i) for i in range(2)] if method == "activations" else None
@@ -179,8 +192,11 @@ def test_identity_permutations_give_the_plain_average(monkeypatch):
     """The aligned route differs from `average` only by the permutations it finds (README: the
     depth-1/2 gap after calibration is not the route)."""
     teachers = {"a": _teacher("mobilenet_v1", seed=0), "b": _teacher("mobilenet_v1", seed=1)}
-    monkeypatch.setattr(align, "_weight_matching", lambda ref, other, spec, free, *rest: {
-        n: torch.arange(spec.groups[n].size) for n in free})
+    monkeypatch.setattr(
+        align,
+        "_weight_matching",
+        lambda ref, other, spec, free, *rest: {n: torch.arange(spec.groups[n].size) for n in free},
+    )
     aligned = zipper.zip_models(teachers, 3, init="weights")
     plain = zipper.zip_models(teachers, 3, init="average").state_dict()
     assert all(torch.equal(v, plain[key]) for key, v in aligned.state_dict().items())
@@ -251,12 +267,15 @@ def test_distillation_targets_follow_the_alignment(arch, tmp_path):
     assert _distill_gap(unordered, teachers, x)["b"] > 0.05
 
 
-@pytest.mark.parametrize("edit, match", [
-    (lambda orders: orders.update(c={}), "unknown task 'c'"),
-    (lambda orders: orders["b"].update({"blocks.99.bn": torch.arange(4)}), r"layer 'blocks\.99\.bn'"),
-    (lambda orders: orders["b"].update({k: v[:-1] for k, v in orders["b"].items()}), "not a permutation"),
-    (lambda orders: orders["b"].update({k: v.float() for k, v in orders["b"].items()}), "not a permutation"),
-])
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda orders: orders.update(c={}), "unknown task 'c'"),
+        (lambda orders: orders["b"].update({"blocks.99.bn": torch.arange(4)}), r"layer 'blocks\.99\.bn'"),
+        (lambda orders: orders["b"].update({k: v[:-1] for k, v in orders["b"].items()}), "not a permutation"),
+        (lambda orders: orders["b"].update({k: v.float() for k, v in orders["b"].items()}), "not a permutation"),
+    ],
+)
 def test_load_names_a_bad_tap_order(tmp_path, edit, match):
     teacher = _teacher("mobilenet_v1")
     copy_ = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(12)))

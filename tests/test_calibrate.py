@@ -3,6 +3,7 @@
 The teachers train to convergence (cosine schedule to zero) on tasks easy enough that every
 kernel path gets there, so no assertion depends on where a short run happens to land.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -89,8 +90,11 @@ def test_an_exploding_loss_stops_calibration(trained_pair, tmp_path):
     net = zipper.zip_models(teachers, 2)
     streams = {t: batches(x, y, 16) for t, (x, y) in data.items()}
     cfg = CalibrateConfig(steps=20, lr=1e6, grad_clip=0.0, checkpoint_every=50, bn_reset_batches=0)
-    with pytest.raises(DivergedError, match=r"calibration of depth 2, step \d+: the (loss exploded|loss is nan).*"
-                                            r"lower calibrate.lr"):
+    with pytest.raises(
+        DivergedError,
+        match=r"calibration of depth 2, step \d+: the (loss exploded|loss is nan).*"
+        r"lower calibrate.lr",
+    ):
         calibrate(net, teachers, streams, cfg, partial_path=tmp_path / "partial.pt")
     assert not (tmp_path / "partial.pt").exists()
 
@@ -101,15 +105,17 @@ def _drop_against(reference: float, val):
     return lambda net: {t: 100 * (reference - a) for t, a in evaluate_zipper(net, held_out).items()}
 
 
-@pytest.mark.parametrize("killed_at_batch, until", [(5, None), (9, None), (11, None),
-                                                    (11, UntilConfig(max_drop_pp=0.0, check_every=4, plateau=0.0))])
+@pytest.mark.parametrize(
+    "killed_at_batch, until",
+    [(5, None), (9, None), (11, None), (11, UntilConfig(max_drop_pp=0.0, check_every=4, plateau=0.0))],
+)
 def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, tmp_path, killed_at_batch, until):
     """Killed after its BN re-estimation (2 batches) and some steps; resumed from the partial checkpoint
     (every 3 steps), it ends bit for bit where a run that was never stopped ends, held-out checks included."""
     teachers, data, val = trained_pair
     cfg = CalibrateConfig(steps=10, checkpoint_every=3, bn_reset_batches=2, lr=0.01, until=until)
     check = _drop_against(1.01, val) if until else None
-    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}  # noqa: E731
+    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}
 
     class Killed(Exception):
         pass
@@ -124,8 +130,14 @@ def test_a_killed_calibration_resumes_to_the_uninterrupted_result(trained_pair, 
     expected = calibrate(uninterrupted, teachers, streams(), cfg, held_out_drop=check)
     net = zipper.zip_models(teachers, 2)
     with pytest.raises(Killed):
-        calibrate(net, teachers, {t: dying(s, killed_at_batch) for t, s in streams().items()}, cfg,
-                  partial_path=tmp_path / "p.pt", held_out_drop=check)
+        calibrate(
+            net,
+            teachers,
+            {t: dying(s, killed_at_batch) for t, s in streams().items()},
+            cfg,
+            partial_path=tmp_path / "p.pt",
+            held_out_drop=check,
+        )
     assert torch.load(tmp_path / "p.pt", weights_only=True)["step"] == (killed_at_batch - 2) // 3 * 3
     resumed = zipper.zip_models(teachers, 2)
     curves = calibrate(resumed, teachers, streams(), cfg, partial_path=tmp_path / "p.pt", held_out_drop=check)
@@ -139,14 +151,16 @@ def test_until_stops_at_the_drop_target_or_on_a_plateau(trained_pair):
     """Checked every 4 steps on a held-out set: stopped at the first check within the target (teachers
     as good as the net after 4 steps), or once the loss no longer falls (a target never met)."""
     teachers, data, val = trained_pair
-    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}  # noqa: E731
+    streams = lambda: {t: batches(x, y, 16, seed=i) for i, (t, (x, y)) in enumerate(data.items())}
     lenient = CalibrateConfig(steps=40, lr=0.01, until=UntilConfig(max_drop_pp=100.0, check_every=4))
-    curves = calibrate(zipper.zip_models(teachers, 2), teachers, streams(), lenient,
-                       held_out_drop=_drop_against(1.0, val))
+    curves = calibrate(
+        zipper.zip_models(teachers, 2), teachers, streams(), lenient, held_out_drop=_drop_against(1.0, val)
+    )
     assert len(curves["loss"]) == 4 and [c["stop"] for c in curves["checks"]] == ["target"]
     flat = CalibrateConfig(steps=40, lr=0.01, until=UntilConfig(max_drop_pp=0.0, check_every=4, plateau=0.99))
-    curves = calibrate(zipper.zip_models(teachers, 2), teachers, streams(), flat,
-                       held_out_drop=_drop_against(1.01, val))
+    curves = calibrate(
+        zipper.zip_models(teachers, 2), teachers, streams(), flat, held_out_drop=_drop_against(1.01, val)
+    )
     assert len(curves["loss"]) == 8 and [c["stop"] for c in curves["checks"]] == [None, "plateau"]
     with pytest.raises(ValueError, match="held_out_drop"):
         calibrate(zipper.zip_models(teachers, 2), teachers, streams(), flat)
@@ -156,7 +170,7 @@ def test_a_partial_checkpoint_made_from_other_inputs_is_discarded(trained_pair, 
     """Killed, then its teachers retrained: the rerun must not resume from the old teachers' partial."""
     teachers, data, _ = trained_pair
     cfg = CalibrateConfig(steps=6, checkpoint_every=3, bn_reset_batches=0, lr=0.01)
-    streams = lambda: {t: batches(x, y, 16) for t, (x, y) in data.items()}  # noqa: E731
+    streams = lambda: {t: batches(x, y, 16) for t, (x, y) in data.items()}
 
     def dying(stream):
         for i, b in enumerate(stream):
@@ -165,11 +179,23 @@ def test_a_partial_checkpoint_made_from_other_inputs_is_discarded(trained_pair, 
             yield b
 
     with pytest.raises(KeyboardInterrupt):
-        calibrate(zipper.zip_models(teachers, 1), teachers, {t: dying(s) for t, s in streams().items()}, cfg,
-                  partial_path=tmp_path / "p.pt", resume_key={"teacher.colour.sha256": "old"})
+        calibrate(
+            zipper.zip_models(teachers, 1),
+            teachers,
+            {t: dying(s) for t, s in streams().items()},
+            cfg,
+            partial_path=tmp_path / "p.pt",
+            resume_key={"teacher.colour.sha256": "old"},
+        )
     assert (tmp_path / "p.pt").exists()
     expected = calibrate(zipper.zip_models(teachers, 1), teachers, streams(), cfg)
     with caplog.at_level("WARNING", logger="zipper.calibrate"):
-        curves = calibrate(zipper.zip_models(teachers, 1), teachers, streams(), cfg, partial_path=tmp_path / "p.pt",
-                           resume_key={"teacher.colour.sha256": "new"})
+        curves = calibrate(
+            zipper.zip_models(teachers, 1),
+            teachers,
+            streams(),
+            cfg,
+            partial_path=tmp_path / "p.pt",
+            resume_key={"teacher.colour.sha256": "new"},
+        )
     assert "discarding" in caplog.text and curves == expected

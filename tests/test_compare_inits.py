@@ -1,4 +1,5 @@
 """benchmarks/compare_inits.py: per-seed gap arithmetic, and a real tiny run through its process pool."""
+
 from __future__ import annotations
 
 import json
@@ -13,20 +14,32 @@ import compare_inits  # noqa: E402
 
 
 def _row(depth, init, seed, before, after):
-    acc = lambda a, b: {"shapes": a, "textures": b}  # noqa: E731
-    return {"depth": depth, "init": init, "seed": seed, "before": acc(*before), "after": acc(*after),
-            "evals": [{"step": 0, "acc": acc(*before)}, {"step": 10, "acc": acc(*after)}]}
+    acc = lambda a, b: {"shapes": a, "textures": b}
+    return {
+        "depth": depth,
+        "init": init,
+        "seed": seed,
+        "before": acc(*before),
+        "after": acc(*after),
+        "evals": [{"step": 0, "acc": acc(*before)}, {"step": 10, "acc": acc(*after)}],
+    }
 
 
 def test_gaps_pair_each_seed_with_its_own_average_and_the_claim_reads_the_means():
-    rows = [_row(2, "average", 0, (0.5, 0.3), (0.9, 0.8)), _row(2, "weights", 0, (0.7, 0.5), (0.9, 0.7)),
-            _row(2, "average", 1, (0.4, 0.2), (0.8, 0.8)), _row(2, "weights", 1, (0.6, 0.4), (0.9, 0.9)),
-            _row(3, "average", 0, (0.2, 0.2), (0.6, 0.6)), _row(3, "weights", 0, (0.1, 0.1), (0.8, 0.8))]
+    rows = [
+        _row(2, "average", 0, (0.5, 0.3), (0.9, 0.8)),
+        _row(2, "weights", 0, (0.7, 0.5), (0.9, 0.7)),
+        _row(2, "average", 1, (0.4, 0.2), (0.8, 0.8)),
+        _row(2, "weights", 1, (0.6, 0.4), (0.9, 0.9)),
+        _row(3, "average", 0, (0.2, 0.2), (0.6, 0.6)),
+        _row(3, "weights", 0, (0.1, 0.1), (0.8, 0.8)),
+    ]
     gaps = {g["depth"]: g for g in compare_inits.gaps(rows, ["average", "weights"])}
     assert gaps[2]["before_pp_seeds"] == pytest.approx([20.0, 20.0])
     assert gaps[2]["after_pp_seeds"] == pytest.approx([-5.0, 10.0])
-    assert (gaps[2]["after_pp"] == pytest.approx(2.5)
-            and gaps[2]["after_pp_task"] == pytest.approx({"shapes": 5.0, "textures": 0.0}))
+    assert gaps[2]["after_pp"] == pytest.approx(2.5) and gaps[2]["after_pp_task"] == pytest.approx(
+        {"shapes": 5.0, "textures": 0.0}
+    )
     claim = compare_inits.claim(list(gaps.values()))["weights"]
     assert not claim["holds"] and [f["depth"] for f in claim["failures"]] == [3]  # worse before at depth 3
     means = {(r["depth"], r["init"]): r for r in compare_inits.mean_rows(rows)}
@@ -37,9 +50,28 @@ def test_gaps_pair_each_seed_with_its_own_average_and_the_claim_reads_the_means(
 @pytest.mark.slow
 def test_tiny_run_with_seeds_and_worker_processes(tmp_path):
     out = tmp_path / "docs" / "alignment-tiny"
-    compare_inits.main(["--params", str(ROOT / "tests/fixtures/params.tiny.yaml"), "--root", str(tmp_path / "root"),
-                        "--depths", "1,2", "--seeds", "0,1", "--jobs", "2", "--steps", "4", "--eval-every", "2",
-                        "--set", "calibrate.lr=0.02", "--out", str(out)])
+    compare_inits.main(
+        [
+            "--params",
+            str(ROOT / "tests/fixtures/params.tiny.yaml"),
+            "--root",
+            str(tmp_path / "root"),
+            "--depths",
+            "1,2",
+            "--seeds",
+            "0,1",
+            "--jobs",
+            "2",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--set",
+            "calibrate.lr=0.02",
+            "--out",
+            str(out),
+        ]
+    )
     result = json.loads(out.with_suffix(".json").read_text())
     assert len(result["rows"]) == 2 * 2 * 3  # depths x seeds x inits
     assert {(r["depth"], r["seed"]) for r in result["rows"]} == {(1, 0), (1, 1), (2, 0), (2, 1)}

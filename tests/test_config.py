@@ -1,4 +1,5 @@
 """params.yaml validation: the shipped files load; bad keys and types name the key at fault."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,29 +31,39 @@ def _write(tmp_path, mutate) -> Path:
     return path
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda r: r["calibrate"].update(learning_rate=0.1), r"unknown key 'calibrate.learning_rate'"),
-    (lambda r: r["calibrate"].update(lr="fast"), r"calibrate.lr: expected float, got 'fast'"),
-    (lambda r: r["teachers"].update(steps=1.5), r"teachers.steps: expected int"),
-    (lambda r: r.update(extra={}), r"unknown key 'extra'"),
-    (lambda r: r["zipper"].update(scope="layer"), r"zipper.scope: unknown 'layer'"),
-    (lambda r: r["zipper"].update(chain={"2": 1}), r"zipper.chain: entry 1 must be"),
-    (lambda r: r["zipper"].update(chain={1: 0}), r"zipper.chain: entry 1 must be '\"1\": 0'"),
-    (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
-    (lambda r: r["data"]["tasks"]["shapes"].update(n_trian=5), r"data.tasks.shapes: .*unknown key 'n_trian'"),
-    (lambda r: r["data"]["tasks"].update(pets={"source": "imagefolder"}), r"data.tasks.pets: .*missing key 'root'"),
-    (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
-    (lambda r: r["teachers"].update(label_smoothing=1.0), r"teachers.label_smoothing: expected a value in \[0, 1\)"),
-    (lambda r: r["calibrate"].update(checkpoint_every=0),
-     r"calibrate.checkpoint_every: expected a value in \[1, inf\), got 0"),
-    (lambda r: r["evaluate"].update(threads=0), r"evaluate.threads: expected a value in \[1, inf\)"),
-    (lambda r: r["calibrate"].update(lr=-0.1), r"calibrate.lr: expected a value in \(0, inf\)"),
-    (lambda r: r["teachers"].update(lr=float("nan")), r"teachers.lr: expected a value in \(0, inf\), got nan"),
-    (lambda r: r["runtime"].update(nproc_per_node=0), r"runtime.nproc_per_node: expected a value in \[1, inf\)"),
-    (lambda r: r["teachers"].update(checkpoints={"shape": "t.pt"}), r"teachers.checkpoints: 'shape' is not a task"),
-    (lambda r: r["zipper"].update(chain={str(d): d - 1 for d in range(1, 15)}),
-     r"zipper.chain: depth 14 is deeper than mobilenet_v1, which has 13 blocks"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda r: r["calibrate"].update(learning_rate=0.1), r"unknown key 'calibrate.learning_rate'"),
+        (lambda r: r["calibrate"].update(lr="fast"), r"calibrate.lr: expected float, got 'fast'"),
+        (lambda r: r["teachers"].update(steps=1.5), r"teachers.steps: expected int"),
+        (lambda r: r.update(extra={}), r"unknown key 'extra'"),
+        (lambda r: r["zipper"].update(scope="layer"), r"zipper.scope: unknown 'layer'"),
+        (lambda r: r["zipper"].update(chain={"2": 1}), r"zipper.chain: entry 1 must be"),
+        (lambda r: r["zipper"].update(chain={1: 0}), r"zipper.chain: entry 1 must be '\"1\": 0'"),
+        (lambda r: r["data"]["tasks"].pop("textures"), r"at least two tasks"),
+        (lambda r: r["data"]["tasks"]["shapes"].update(n_trian=5), r"data.tasks.shapes: .*unknown key 'n_trian'"),
+        (lambda r: r["data"]["tasks"].update(pets={"source": "imagefolder"}), r"data.tasks.pets: .*missing key 'root'"),
+        (lambda r: r["teachers"].update(arch="vgg"), r"teachers.arch: unknown 'vgg'"),
+        (
+            lambda r: r["teachers"].update(label_smoothing=1.0),
+            r"teachers.label_smoothing: expected a value in \[0, 1\)",
+        ),
+        (
+            lambda r: r["calibrate"].update(checkpoint_every=0),
+            r"calibrate.checkpoint_every: expected a value in \[1, inf\), got 0",
+        ),
+        (lambda r: r["evaluate"].update(threads=0), r"evaluate.threads: expected a value in \[1, inf\)"),
+        (lambda r: r["calibrate"].update(lr=-0.1), r"calibrate.lr: expected a value in \(0, inf\)"),
+        (lambda r: r["teachers"].update(lr=float("nan")), r"teachers.lr: expected a value in \(0, inf\), got nan"),
+        (lambda r: r["runtime"].update(nproc_per_node=0), r"runtime.nproc_per_node: expected a value in \[1, inf\)"),
+        (lambda r: r["teachers"].update(checkpoints={"shape": "t.pt"}), r"teachers.checkpoints: 'shape' is not a task"),
+        (
+            lambda r: r["zipper"].update(chain={str(d): d - 1 for d in range(1, 15)}),
+            r"zipper.chain: depth 14 is deeper than mobilenet_v1, which has 13 blocks",
+        ),
+    ],
+)
 def test_bad_params_name_the_key(tmp_path, mutate, match):
     with pytest.raises(ValueError, match=match):
         load_params(_write(tmp_path, mutate))
@@ -69,8 +80,12 @@ def test_dataclass_defaults_are_the_shipped_params():
     for the two values that depend on the tasks and the architecture."""
     shipped = load_params(REPO / "params.yaml")
     defaults = dataclasses.asdict(Params(data=shipped.data))
-    differ = {f"{section}.{key}" for section, values in dataclasses.asdict(shipped).items()
-              for key, value in values.items() if defaults[section][key] != value}
+    differ = {
+        f"{section}.{key}"
+        for section, values in dataclasses.asdict(shipped).items()
+        for key, value in values.items()
+        if defaults[section][key] != value
+    }
     assert differ == {"zipper.chain", "tracking.registered_model"}
 
 
@@ -122,10 +137,21 @@ def test_tiny_fixture_is_params_yaml_with_these_keys_changed():
     changed = {k for k in shipped if tiny.get(k, "unset") != shipped[k]}
     sizes = {f"data.tasks.{t}.{n}" for t in ("shapes", "textures") for n in ("n_train", "n_val")}
     assert changed == sizes | {  # small and fast: 16 px, few images and steps, 3 depths, one thread
-        "teachers.input_size", "teachers.steps", "teachers.batch_size", "teachers.lr", "teachers.label_smoothing",
-        "zipper.chain", "calibrate.steps", "calibrate.batch_size", "calibrate.bn_reset_batches",
-        "calibrate.checkpoint_every", "evaluate.latency_repeats", "evaluate.memory", "runtime.threads",
-        "runtime.channels_last"}
+        "teachers.input_size",
+        "teachers.steps",
+        "teachers.batch_size",
+        "teachers.lr",
+        "teachers.label_smoothing",
+        "zipper.chain",
+        "calibrate.steps",
+        "calibrate.batch_size",
+        "calibrate.bn_reset_batches",
+        "calibrate.checkpoint_every",
+        "evaluate.latency_repeats",
+        "evaluate.memory",
+        "runtime.threads",
+        "runtime.channels_last",
+    }
 
 
 def test_missing_file_is_named(tmp_path):

@@ -1,4 +1,5 @@
 """Data layer: synthetic generator, sources, shard round-trip, streams, bad input."""
+
 from __future__ import annotations
 
 import io
@@ -34,6 +35,7 @@ def unnormalise(x: torch.Tensor) -> np.ndarray:
 
 # --- synthetic -----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("task", list(synthetic.TASKS))
 def test_synthetic_is_seeded_balanced_rgb(task):
     a, ya = synthetic.generate(task, 30, seed=1)
@@ -60,6 +62,7 @@ def test_synthetic_blanks_only_the_figure_of_its_share_of_images(task, monkeypat
 
 
 # --- shards round-trip ---------------------------------------------------------------------------
+
 
 def test_shard_roundtrip_pixels_labels_keys(shapes_dir):
     m = read_manifest(shapes_dir)
@@ -116,6 +119,7 @@ def test_train_batches_endless_seeded(shapes_dir):
 
 # --- sources --------------------------------------------------------------------------------------
 
+
 def test_digits_source(tmp_path):
     write_shards({"source": "digits", "seed": 0, "val_fraction": 0.2}, "digits", tmp_path / "d", maxcount=1000)
     m = read_manifest(tmp_path / "d")
@@ -126,20 +130,23 @@ def test_digits_source(tmp_path):
     assert x.shape == (16, 3, 32, 32) and int(y.max()) < 10
 
 
-@pytest.mark.parametrize("source, key", [
-    ({"source": "nope"}, "'source'"),
-    ({"name": "shapes"}, "'source'"),
-    ({"source": "synthetic"}, "'name'"),
-    ({"source": "synthetic", "name": "shapes", "n_trian": 5}, "'n_trian'"),
-    ({"source": "synthetic", "name": "blobs"}, "'name'"),
-    ({"source": "imagefolder"}, "'root'"),
-    ({"source": "torchvision", "root": "x"}, "'dataset'"),
-    ({"source": "webdataset", "train": "a.tar", "classes": ["a"]}, "'val'"),
-    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "root": "x"}, "'root'"),
-    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "hflip": "no"}, "'hflip'"),
-    ({"source": "webdataset", "train": 3, "val": "b.tar", "classes": ["a"]}, "'train'"),
-    ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": []}, "'classes'"),
-])
+@pytest.mark.parametrize(
+    "source, key",
+    [
+        ({"source": "nope"}, "'source'"),
+        ({"name": "shapes"}, "'source'"),
+        ({"source": "synthetic"}, "'name'"),
+        ({"source": "synthetic", "name": "shapes", "n_trian": 5}, "'n_trian'"),
+        ({"source": "synthetic", "name": "blobs"}, "'name'"),
+        ({"source": "imagefolder"}, "'root'"),
+        ({"source": "torchvision", "root": "x"}, "'dataset'"),
+        ({"source": "webdataset", "train": "a.tar", "classes": ["a"]}, "'val'"),
+        ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "root": "x"}, "'root'"),
+        ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": ["a"], "hflip": "no"}, "'hflip'"),
+        ({"source": "webdataset", "train": 3, "val": "b.tar", "classes": ["a"]}, "'train'"),
+        ({"source": "webdataset", "train": "a.tar", "val": "b.tar", "classes": []}, "'classes'"),
+    ],
+)
 def test_source_config_errors_name_the_key(tmp_path, source, key):
     with pytest.raises(ValueError, match=key):
         write_shards(source, "t", tmp_path / "o")
@@ -269,6 +276,7 @@ def test_refuses_to_replace_a_foreign_directory(tmp_path):
 
 # --- manifest validation -------------------------------------------------------------------------
 
+
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
@@ -313,8 +321,11 @@ def test_manifest_names_outside_the_directory_are_refused(shapes_dir, tmp_path, 
     m["splits"]["val"]["shards"][1]["name"] = name
     (d / "manifest.json").write_text(json.dumps(m))
     error = rf"{d / 'manifest.json'}: shard entry name '{re.escape(name)}' must be a file name inside"
-    for read in (lambda: read_manifest(d, verify=False), lambda: val_batches(d, input_size=32, batch_size=4),
-                 lambda: iter_samples(d, "val", manifest=m).__next__()):
+    for read in (
+        lambda: read_manifest(d, verify=False),
+        lambda: val_batches(d, input_size=32, batch_size=4),
+        lambda: iter_samples(d, "val", manifest=m).__next__(),
+    ):
         with pytest.raises(ValueError, match=error):
             read()
 
@@ -354,8 +365,9 @@ def test_torchvision_source(tmp_path, monkeypatch):
             return Image.new("L", (10, 14), 20 * i), self.targets[i]  # grayscale, not square
 
     monkeypatch.setattr(torchvision.datasets, "Tiny", Tiny, raising=False)
-    write_shards({"source": "torchvision", "dataset": "Tiny", "root": str(tmp_path), "image_size": 8}, "tiny",
-                 tmp_path / "s")
+    write_shards(
+        {"source": "torchvision", "dataset": "Tiny", "root": str(tmp_path), "image_size": 8}, "tiny", tmp_path / "s"
+    )
     m = read_manifest(tmp_path / "s")
     assert m["classes"] == ["a", "b", "c"] and m["splits"]["val"]["counts"] == {"a": 2, "b": 2, "c": 2}
     assert m["splits"]["train"]["count"] == 12 and m["splits"]["train"]["image_size"] == [8, 8]

@@ -1,4 +1,5 @@
 """Data at scale: shards streamed from URLs (a real local HTTP server), rank slices, DataLoader workers."""
+
 from __future__ import annotations
 
 import functools
@@ -71,9 +72,17 @@ def base_url(served):
 @pytest.fixture(scope="module")
 def remote(tmp_path_factory, base_url) -> Path:
     out = tmp_path_factory.mktemp("remote") / "shapes"
-    write_shards({"source": "webdataset", "train": f"{base_url}/shapes/train-{{000000..000002}}.tar",
-                  "val": [f"{base_url}/shapes/val-000000.tar", f"{base_url}/shapes/val-000001.tar"],
-                  "classes": f"{base_url}/classes.json", "n_val": 20}, "shapes", out)
+    write_shards(
+        {
+            "source": "webdataset",
+            "train": f"{base_url}/shapes/train-{{000000..000002}}.tar",
+            "val": [f"{base_url}/shapes/val-000000.tar", f"{base_url}/shapes/val-000001.tar"],
+            "classes": f"{base_url}/classes.json",
+            "n_val": 20,
+        },
+        "shapes",
+        out,
+    )
     return out
 
 
@@ -88,6 +97,7 @@ def assert_same_batches(a: list, b: list) -> None:
 
 
 # --- the webdataset source over HTTP -------------------------------------------------------------
+
 
 def test_manifest_records_urls_counts_and_sha256(remote, served, base_url):
     m = read_manifest(remote)
@@ -106,8 +116,9 @@ def test_manifest_records_urls_counts_and_sha256(remote, served, base_url):
 def test_streams_from_urls_equal_local_streams(remote, served):
     local = served / "shapes"
     assert [s["__key__"] for s in iter_samples(remote, "train")] == [s["__key__"] for s in iter_samples(local, "train")]
-    assert_same_batches(list(val_batches(remote, input_size=32, batch_size=8)),
-                        list(val_batches(local, input_size=32, batch_size=8)))
+    assert_same_batches(
+        list(val_batches(remote, input_size=32, batch_size=8)), list(val_batches(local, input_size=32, batch_size=8))
+    )
     assert sum(len(y) for _, y in val_batches(remote, input_size=32, batch_size=8, limit=18)) == 18
     # same shard order, counts and positions: the very same augmented batches, across epochs
     kw = dict(input_size=32, batch_size=8, augment=True, seed=5)
@@ -115,8 +126,9 @@ def test_streams_from_urls_equal_local_streams(remote, served):
 
 
 def test_teacher_trains_from_urls(remote):
-    model, acc = train_teacher(remote, arch="mobilenet_v1", width=0.25, input_size=32, steps=3, batch_size=8,
-                               lr=0.05, seed=0)
+    model, acc = train_teacher(
+        remote, arch="mobilenet_v1", width=0.25, input_size=32, steps=3, batch_size=8, lr=0.05, seed=0
+    )
     assert model.num_classes == len(synthetic.SHAPES) and 0.0 <= acc <= 1.0
 
 
@@ -126,8 +138,9 @@ def test_feature_cache_from_urls(remote, served, tmp_path):
 
     torch.manual_seed(0)
     teacher = build_model("mobilenet_v1", len(synthetic.SHAPES), width=0.25, input_size=32)
-    write_feature_cache(teacher, remote, tmp_path / "cache", input_size=32, batch_size=16, budget_mb=100,
-                        teacher_sha256="t")
+    write_feature_cache(
+        teacher, remote, tmp_path / "cache", input_size=32, batch_size=16, budget_mb=100, teacher_sha256="t"
+    )
     cached = list(iter_cache(tmp_path / "cache"))
     stored = list(iter_samples(served / "shapes", "train"))
     assert [c["key"] for c in cached] == [s["__key__"] for s in stored]
@@ -136,9 +149,17 @@ def test_feature_cache_from_urls(remote, served, tmp_path):
 
 def test_other_members_text_classes_and_pipe(served, base_url, tmp_path):
     """jpg / jpeg images with `label` / `class` members, classes from a text file, a pipe: URL."""
-    write_shards({"source": "webdataset", "train": f"{base_url}/pets-train.tar",
-                  "val": f"pipe:cat {served / 'pets-val.tar'}", "classes": str(served / "classes.txt"),
-                  "hflip": False}, "pets", tmp_path / "pets")
+    write_shards(
+        {
+            "source": "webdataset",
+            "train": f"{base_url}/pets-train.tar",
+            "val": f"pipe:cat {served / 'pets-val.tar'}",
+            "classes": str(served / "classes.txt"),
+            "hflip": False,
+        },
+        "pets",
+        tmp_path / "pets",
+    )
     m = read_manifest(tmp_path / "pets")
     assert m["classes"] == ["cat", "dog"] and m["hflip"] is False
     assert m["splits"]["train"]["counts"] == {"cat": 3, "dog": 3} and m["splits"]["val"]["count"] == 4
@@ -151,8 +172,16 @@ def test_other_members_text_classes_and_pipe(served, base_url, tmp_path):
 def test_local_paths_are_recorded_absolute_and_verified(served, tmp_path, monkeypatch):
     data = shutil.copytree(served / "shapes", tmp_path / "data")
     monkeypatch.chdir(tmp_path)
-    write_shards({"source": "webdataset", "train": "data/train-{000000..000002}.tar", "val": f"file://{data}/val-000001.tar",
-                  "classes": str(served / "classes.json")}, "shapes", tmp_path / "m")
+    write_shards(
+        {
+            "source": "webdataset",
+            "train": "data/train-{000000..000002}.tar",
+            "val": f"file://{data}/val-000001.tar",
+            "classes": str(served / "classes.json"),
+        },
+        "shapes",
+        tmp_path / "m",
+    )
     m = read_manifest(tmp_path / "m")
     assert [s["url"] for s in m["splits"]["train"]["shards"]] == [str(data / f"train-00000{i}.tar") for i in range(3)]
     assert m["splits"]["val"]["count"] == 4
@@ -167,25 +196,39 @@ def test_local_paths_are_recorded_absolute_and_verified(served, tmp_path, monkey
         read_manifest(tmp_path / "m", verify=False)
 
 
-@pytest.mark.parametrize("train, error", [
-    ("{base}/missing-000000.tar", r"cannot open shard http://127\.0\.0\.1:\d+/missing-000000\.tar: HTTPError"),
-    ("http://127.0.0.1:9/x.tar", r"cannot open shard http://127\.0\.0\.1:9/x\.tar"),
-    ("{base}/nocls.tar", r"shard http://.*/nocls\.tar: sample 'b' has no class member"),
-    ("{base}/range.tar", r"shard http://.*/range\.tar: sample 'a' has class index 7, outside the 2 classes"),
-    ("{base}/classes.json", r"shard http://.*/classes\.json: unreadable as a tar"),
-    ("{base}/escape.tar", r"shard http://.*/escape\.tar: member name '\.\./\.\./evil\.\w+' is absolute or contains"),
-])
+@pytest.mark.parametrize(
+    "train, error",
+    [
+        ("{base}/missing-000000.tar", r"cannot open shard http://127\.0\.0\.1:\d+/missing-000000\.tar: HTTPError"),
+        ("http://127.0.0.1:9/x.tar", r"cannot open shard http://127\.0\.0\.1:9/x\.tar"),
+        ("{base}/nocls.tar", r"shard http://.*/nocls\.tar: sample 'b' has no class member"),
+        ("{base}/range.tar", r"shard http://.*/range\.tar: sample 'a' has class index 7, outside the 2 classes"),
+        ("{base}/classes.json", r"shard http://.*/classes\.json: unreadable as a tar"),
+        (
+            "{base}/escape.tar",
+            r"shard http://.*/escape\.tar: member name '\.\./\.\./evil\.\w+' is absolute or contains",
+        ),
+    ],
+)
 def test_bad_urls_and_samples_are_named(base_url, tmp_path, train, error):
-    source = {"source": "webdataset", "train": train.format(base=base_url), "val": f"{base_url}/pets-val.tar",
-              "classes": ["cat", "dog"]}
+    source = {
+        "source": "webdataset",
+        "train": train.format(base=base_url),
+        "val": f"{base_url}/pets-val.tar",
+        "classes": ["cat", "dog"],
+    }
     with pytest.raises(ValueError, match=error):
         write_shards(source, "t", tmp_path / "o")
     assert not (tmp_path / "o").exists()
 
 
 def test_source_keys_and_counts_are_checked(base_url, tmp_path):
-    source = {"source": "webdataset", "train": f"{base_url}/pets-train.tar", "val": f"{base_url}/pets-val.tar",
-              "classes": ["cat", "dog"]}
+    source = {
+        "source": "webdataset",
+        "train": f"{base_url}/pets-train.tar",
+        "val": f"{base_url}/pets-val.tar",
+        "classes": ["cat", "dog"],
+    }
     with pytest.raises(ValueError, match="'n_test'"):
         write_shards({**source, "n_test": 3}, "t", tmp_path / "o")
     with pytest.raises(ValueError, match="key 'n_train' says 5 samples.*hold 6"):
@@ -197,6 +240,7 @@ def test_source_keys_and_counts_are_checked(base_url, tmp_path):
 
 
 # --- ranks and workers ---------------------------------------------------------------------------
+
 
 def test_rank_slices_concatenate_to_the_global_batch(remote):
     kw = dict(input_size=32, batch_size=8, augment=True, seed=2)
@@ -255,9 +299,11 @@ def test_train_and_val_with_workers(served):
         assert torch.equal(torch.cat([x0, x1]), x)
     # val: the same (image, label) multiset with workers, with and without a limit
     for limit in (None, 18):
+
         def rows(workers: int) -> Counter:
             vb = val_batches(local, input_size=32, batch_size=8, limit=limit, num_workers=workers)
             return Counter((x.numpy().tobytes(), int(y)) for xs, ys in vb for x, y in zip(xs, ys))
+
         assert rows(2) == rows(0) and sum(rows(0).values()) == (limit or 20)
 
 
@@ -275,5 +321,6 @@ def test_epoch_stream_refuses_bad_settings(served):
     with pytest.raises(ValueError, match="no shards"):
         EpochStream([], key_epoch, list, seed=0, batch_size=4)
     with pytest.raises(ValueError, match="num_workers must be >= 0"):
-        epoch_stream([str(served / "shapes" / "train-000000.tar")], key_epoch, list, seed=0, batch_size=4,
-                     num_workers=-1)
+        epoch_stream(
+            [str(served / "shapes" / "train-000000.tar")], key_epoch, list, seed=0, batch_size=4, num_workers=-1
+        )

@@ -1,4 +1,5 @@
 """Measuring: the paper's conv-weight accounting, parameter and MAC counts, latency, memory probes, accuracy."""
+
 from __future__ import annotations
 
 import pytest
@@ -37,8 +38,9 @@ def test_conv_weight_accounting_reproduces_the_papers_comp_column():
 
 
 def test_conv_weights_exclude_bn_bias_and_classifier():
-    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4),
-                                torch.nn.Flatten(), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 4, 3, bias=True), torch.nn.BatchNorm2d(4), torch.nn.Flatten(), torch.nn.Linear(4, 2)
+    )
     assert profiling.count_conv_weights(model) == 4 * 3 * 3 * 3
     assert profiling.count_params(model) == 4 * 27 + 4 + 4 + 4 + 4 * 2 + 2
 
@@ -51,8 +53,11 @@ def test_shared_weights_count_once(tiny_teachers):
     depth0 = zipper.zip_models(tiny_teachers, 0, scope="pointwise")
     assert profiling.count_params(depth0) == teachers
     full = zipper.zip_models(tiny_teachers, 13, scope="pointwise")
-    pointwise = [m.weight for m in next(iter(tiny_teachers.values())).blocks.modules()
-                 if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)]
+    pointwise = [
+        m.weight
+        for m in next(iter(tiny_teachers.values())).blocks.modules()
+        if isinstance(m, torch.nn.Conv2d) and m.kernel_size == (1, 1)
+    ]
     assert profiling.count_params(full) == teachers - sum(w.numel() for w in pointwise)
 
 
@@ -97,10 +102,12 @@ def test_latency_ratio_interleaves_and_reports_medians(tiny_teachers) -> None:
         def run(x):
             calls.append(name)
             return model(x)
+
         return run
 
-    res = profiling.latency_ratio([logged("a", a), logged("b", b)], logged("z", a), torch.randn(1, 3, 32, 32),
-                                 repeats=4, warmup=1, threads=1)
+    res = profiling.latency_ratio(
+        [logged("a", a), logged("b", b)], logged("z", a), torch.randn(1, 3, 32, 32), repeats=4, warmup=1, threads=1
+    )
     # warm-up, then baseline/candidate alternating in ABBA order
     assert "".join(calls) == "abz" + "abz" + "zab" + "abz" + "zab"
     assert res["baseline_s"] > 0 and res["candidate_s"] > 0 and res["threads"] == 1

@@ -1,4 +1,5 @@
 """The example configurations load and fit their architecture."""
+
 from __future__ import annotations
 
 from pathlib import Path

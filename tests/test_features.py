@@ -1,4 +1,5 @@
 """Teacher feature cache: round-trip against the teacher's own fp16 output, budget, matching, stream."""
+
 from __future__ import annotations
 
 import io
@@ -30,8 +31,9 @@ def setup(tmp_path_factory):
                 m.running_mean.uniform_(-0.2, 0.2)
                 m.running_var.uniform_(0.5, 2.0)
     cache = root / "cache"
-    write_feature_cache(teacher, shards, cache, input_size=32, batch_size=8, budget_mb=100, maxcount=10,
-                        teacher_sha256="abc123")
+    write_feature_cache(
+        teacher, shards, cache, input_size=32, batch_size=8, budget_mb=100, maxcount=10, teacher_sha256="abc123"
+    )
     return shards, cache, teacher
 
 
@@ -130,8 +132,9 @@ def test_cache_matches(setup, tmp_path):
 def test_budget_refusal_names_the_setting(setup, tmp_path, capsys):
     shards, _, teacher = setup
     with pytest.raises(ValueError, match="features.budget_mb"):
-        write_feature_cache(teacher, shards, tmp_path / "c", input_size=32, batch_size=8, budget_mb=0.5,
-                            teacher_sha256="x")
+        write_feature_cache(
+            teacher, shards, tmp_path / "c", input_size=32, batch_size=8, budget_mb=0.5, teacher_sha256="x"
+        )
     assert "MiB" in capsys.readouterr().out  # the size was printed before refusing
     assert not (tmp_path / "c").exists()
     assert list(tmp_path.iterdir()) == []
@@ -144,8 +147,16 @@ def test_cached_targets_follow_an_aligned_merge(setup, tmp_path):
 
     shards, cache, teacher = setup
     shuffled = permute_model(teacher, random_permutations(teacher, generator=torch.Generator().manual_seed(3)))
-    write_feature_cache(shuffled, shards, tmp_path / "cache", input_size=32, batch_size=8, budget_mb=100,
-                        maxcount=10, teacher_sha256="def456")
+    write_feature_cache(
+        shuffled,
+        shards,
+        tmp_path / "cache",
+        input_size=32,
+        batch_size=8,
+        budget_mb=100,
+        maxcount=10,
+        teacher_sha256="def456",
+    )
     net = zipper.zip_models({"a": teacher, "b": shuffled}, teacher.num_blocks, init="weights").eval()
     x, _y, _logits, taps = next(iter(cached_batches(tmp_path / "cache", batch_size=8, seed=0, input_size=32)))
     with torch.no_grad():

@@ -11,6 +11,7 @@ At scale, without a GPU and without a full run each: GPU-annotated tasks on a re
 GPU-declaring and a CPU-only worker (a tiny flow), the LocalCluster's loopback binding, and the
 training stages that run as their `zipper` command (torchrun when runtime.nproc_per_node > 1).
 """
+
 from __future__ import annotations
 
 import collections
@@ -46,8 +47,13 @@ TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
 STAGES = ("data", "teachers", "features", "zip", "evaluate", "report", "register")
 # The Dask check: one depth, few steps, no memory probes (each probe is a child process importing torch).
 _TINY_CHAIN = yaml.safe_load(TINY.read_text())["zipper"]["chain"]
-SMALL = {"zipper.chain": dict(list(_TINY_CHAIN.items())[:1]) if isinstance(_TINY_CHAIN, dict) else _TINY_CHAIN[:1],
-         "calibrate.steps": 5, "teachers.steps": 10, "evaluate.latency_repeats": 2, "evaluate.memory": False}
+SMALL = {
+    "zipper.chain": dict(list(_TINY_CHAIN.items())[:1]) if isinstance(_TINY_CHAIN, dict) else _TINY_CHAIN[:1],
+    "calibrate.steps": 5,
+    "teachers.steps": 10,
+    "evaluate.latency_repeats": 2,
+    "evaluate.memory": False,
+}
 
 
 # -------------------------------------------------------------------------------------- helpers
@@ -60,8 +66,10 @@ def _foreach(stage: dict, chain: dict) -> list[_Expanded]:
         return [(stage, None, lambda s: s)]
     out: list[_Expanded] = []
     for depth, prev in chain.items():
+
         def sub(s: str, d=depth, p=prev) -> str:
             return s.replace("${key}", str(d)).replace("${item}", str(p))
+
         out.append((stage["do"], int(depth), sub))
     return out
 
@@ -134,8 +142,13 @@ def prefect_server(tmp_path_factory):
         mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
         mp.setenv("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "90")
         mp.setenv("MPLBACKEND", "Agg")
-        with temporary_settings(updates={PREFECT_HOME: home, PREFECT_SERVER_ANALYTICS_ENABLED: False,
-                                         PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90}):
+        with temporary_settings(
+            updates={
+                PREFECT_HOME: home,
+                PREFECT_SERVER_ANALYTICS_ENABLED: False,
+                PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS: 90,
+            }
+        ):
             with prefect_test_harness(server_startup_timeout=90):
                 yield
 
@@ -152,13 +165,29 @@ def resumed(prefect_server, tmp_path_factory):
         pipeline.run(root / "params.yaml", root, {})
     first = _computed(_last_flow_run_id(root))
     layout.zipped(2).rmdir()
-    after_failure = {p: p.stat().st_mtime_ns for p in [layout.zipped(0), layout.zipped(1), layout.metrics(1),
-                                                          layout.shards("shapes") / "manifest.json",
-                                                          layout.teacher("shapes"), layout.teacher("textures")]}
+    after_failure = {
+        p: p.stat().st_mtime_ns
+        for p in [
+            layout.zipped(0),
+            layout.zipped(1),
+            layout.metrics(1),
+            layout.shards("shapes") / "manifest.json",
+            layout.teacher("shapes"),
+            layout.teacher("textures"),
+        ]
+    }
     zipped_after_failure = {d: layout.zipped(d).is_file() for d in range(4)}
     result, second = _run(root)
-    return {"root": root, "layout": layout, "failure": failure.value, "first": first, "second": second,
-            "result": result, "mtimes": after_failure, "zipped_after_failure": zipped_after_failure}
+    return {
+        "root": root,
+        "layout": layout,
+        "failure": failure.value,
+        "first": first,
+        "second": second,
+        "result": result,
+        "mtimes": after_failure,
+        "zipped_after_failure": zipped_after_failure,
+    }
 
 
 # ------------------------------------------------------------------ thread runner, one project
@@ -183,8 +212,9 @@ def test_flow_writes_what_dvc_writes(resumed):
     root, layout = resumed["root"], resumed["layout"]
     params = load_params(root / "params.yaml")
     expected = dvc_outputs(REPO / "dvc.yaml", root / "params.yaml")
-    missing = sorted(p for p in expected
-                     if not (root / p).exists() or (root / p).is_dir() and not any((root / p).iterdir()))
+    missing = sorted(
+        p for p in expected if not (root / p).exists() or (root / p).is_dir() and not any((root / p).iterdir())
+    )
     assert not missing, f"declared by dvc.yaml but not written by the flow: {missing}"
     for name in params.tasks:
         assert (layout.shards(name) / "manifest.json").is_file() and layout.teacher(name).is_file()
@@ -268,10 +298,21 @@ def _served_run(root: Path) -> list[str]:
     from prefect.settings import PREFECT_API_URL
 
     env = {**os.environ, "PREFECT_API_URL": PREFECT_API_URL.value(), "PREFECT_RUNNER_POLL_FREQUENCY": "1"}
-    command = ["flow", "serve", "--params", str(root / "params.yaml"), "--root", str(root), "--cron", "0 3 * * *",
-               "--name", "served"]
-    serve = subprocess.Popen([sys.executable, "-m", "zipper.cli", *command], env=env, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.DEVNULL)
+    command = [
+        "flow",
+        "serve",
+        "--params",
+        str(root / "params.yaml"),
+        "--root",
+        str(root),
+        "--cron",
+        "0 3 * * *",
+        "--name",
+        "served",
+    ]
+    serve = subprocess.Popen(
+        [sys.executable, "-m", "zipper.cli", *command], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     try:
         flow_run = None
         for _ in range(120):  # the deployment appears once serve has registered it
@@ -352,10 +393,13 @@ def test_gpu_tasks_run_only_on_workers_that_declare_a_gpu(prefect_server):
     assert runners.task_resources("zip", cpu) == runners.task_resources("zip", RuntimeConfig()) == {}  # auto: nothing
 
     host = {"host": runners.LOOPBACK}
-    spec = {"gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}},
-            "cpu": {"cls": Worker, "options": {"nthreads": 1, **host}}}
-    with SpecCluster(scheduler={"cls": Scheduler, "options": {"dashboard_address": f"{runners.LOOPBACK}:0", **host}},
-                     workers=spec) as cluster:
+    spec = {
+        "gpu": {"cls": Worker, "options": {"nthreads": 1, "resources": {"GPU": 1}, **host}},
+        "cpu": {"cls": Worker, "options": {"nthreads": 1, **host}},
+    }
+    with SpecCluster(
+        scheduler={"cls": Scheduler, "options": {"dashboard_address": f"{runners.LOOPBACK}:0", **host}}, workers=spec
+    ) as cluster:
         runner = runners.make_task_runner("dask", cluster.scheduler_address)  # as `--dask-address`
 
         @flow(task_runner=runner)
@@ -367,8 +411,9 @@ def test_gpu_tasks_run_only_on_workers_that_declare_a_gpu(prefect_server):
             assert ctx is not None  # inside this flow's run
             runners.check_gpu_workers(ctx.task_runner, gpu)  # there is one: no error
             on_gpu = [runners.submit(_worker_name, i, resources=gpu) for i in range(4)]
-            anywhere = [runners.submit(_worker_name, i, resources=runners.task_resources("evaluate", cuda))
-                        for i in range(4, 8)]
+            anywhere = [
+                runners.submit(_worker_name, i, resources=runners.task_resources("evaluate", cuda)) for i in range(4, 8)
+            ]
             return {"gpu": [f.result() for f in on_gpu], "any": [f.result() for f in anywhere]}
 
         placed = placement()
@@ -389,8 +434,11 @@ def test_local_cluster_listens_on_loopback_and_refuses_gpu_tasks_it_cannot_run()
         scheduler, dashboard = urlparse(client.scheduler.address), urlparse(client.dashboard_link)
         assert scheduler.scheme == "tcp" and scheduler.hostname == dashboard.hostname == "127.0.0.1"
         me = psutil.Process()
-        listening = {c.laddr.port: c.laddr.ip for c in getattr(me, "net_connections", me.connections)(kind="inet")
-                     if c.status == psutil.CONN_LISTEN}
+        listening = {
+            c.laddr.port: c.laddr.ip
+            for c in getattr(me, "net_connections", me.connections)(kind="inet")
+            if c.status == psutil.CONN_LISTEN
+        }
         assert listening[scheduler.port] == listening[dashboard.port] == "127.0.0.1", listening
         with pytest.raises(ValueError, match="LocalCluster has no such worker"):
             runners.check_gpu_workers(runner, {"GPU": 1})
@@ -422,7 +470,7 @@ def test_training_stages_run_as_their_command_with_the_threads_dvc_gives_them(tm
     assert in_process == [] and threads == []
     expected = (("teachers", ["--task", "shapes", "--threads", "2"]), ("zip", ["--depth", "1"]))
     for (cmd, env), (stage, extra) in zip(ran, expected):
-        assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-len(extra):] == extra
+        assert cmd[:4] == [sys.executable, "-m", "zipper.cli", stage] and cmd[-len(extra) :] == extra
         args = build_parser().parse_args(cmd[3:])  # what the command line will parse
         assert (Path(args.params), Path(args.root)) == (TINY.resolve(), tmp_path.resolve())
         assert parse_overrides(args.set) == overrides
@@ -481,11 +529,15 @@ def test_serve_options_and_prefect_yaml():
     from prefect.flows import load_flow_from_entrypoint
 
     deployment = pipeline.zipper_pipeline.to_deployment(
-        **pipeline.deployment_options("params.yaml", ".", {"calibrate.steps": 5}, "0 3 * * *", "nightly"))
+        **pipeline.deployment_options("params.yaml", ".", {"calibrate.steps": 5}, "0 3 * * *", "nightly")
+    )
     assert deployment.name == "nightly" and deployment.schedules[0].schedule.cron == "0 3 * * *"
     assert deployment.entrypoint == "zipper.flows.pipeline.zipper_pipeline"  # importable wherever serve runs
-    assert deployment.parameters == {"params_path": str(Path("params.yaml").resolve()),
-                                     "root": str(Path(".").resolve()), "overrides": {"calibrate.steps": 5}}
+    assert deployment.parameters == {
+        "params_path": str(Path("params.yaml").resolve()),
+        "root": str(Path(".").resolve()),
+        "overrides": {"calibrate.steps": 5},
+    }
     config = yaml.safe_load((REPO / "prefect.yaml").read_text())
     assert config["deployments"]
     for dep in config["deployments"]:

@@ -1,4 +1,5 @@
 """The one stage graph: dvc.yaml is generated from it and the Prefect flow keys its cache by it."""
+
 from __future__ import annotations
 
 import ast
@@ -28,8 +29,11 @@ def test_committed_dvc_yaml_is_the_generated_one(capsys):
 def _flow_runs(params) -> list[tuple[str, object]]:
     """(command, task or depth) of every task the flow submits for these params."""
     depths = [0, *params.zipper.depths]
-    return ([(c, t) for c in ("data", "teachers", "features") for t in params.tasks]
-            + [(c, d) for c in ("zip", "evaluate") for d in depths] + [("report", None), ("register", None)])
+    return (
+        [(c, t) for c in ("data", "teachers", "features") for t in params.tasks]
+        + [(c, d) for c in ("zip", "evaluate") for d in depths]
+        + [("report", None), ("register", None)]
+    )
 
 
 def test_flow_and_dvc_run_the_same_stage_objects():
@@ -76,9 +80,13 @@ def test_imported_teachers_are_dependencies(tmp_path):
 def test_image_folders_and_local_datasets_are_dependencies(tmp_path):
     import yaml
 
-    params = load_params(TINY, {"data.tasks.shapes": {"source": "imagefolder", "root": "images/pets"},
-                                "data.tasks.textures": {"source": "torchvision", "dataset": "MNIST", "root": "tv",
-                                                        "download": True}})
+    params = load_params(
+        TINY,
+        {
+            "data.tasks.shapes": {"source": "imagefolder", "root": "images/pets"},
+            "data.tasks.textures": {"source": "torchvision", "dataset": "MNIST", "root": "tv", "download": True},
+        },
+    )
     data = yaml.safe_load(render(params))["stages"]["data"]
     assert "images/pets" in data["deps"] and "tv" not in data["deps"]  # a download has no folder to track yet
     shapes = stage_io(stage_of("data", "shapes"), params, Layout(tmp_path), "shapes")
@@ -138,8 +146,11 @@ def _stage_entry(command: str) -> set[Path]:
 def test_code_deps_name_everything_the_stage_runs(stage):
     runs = _closure(_stage_entry(stage.command))
     declared = [PACKAGE / c for c in stage.all_code]
-    missing = sorted(str(p.relative_to(PACKAGE)) for p in runs if p.name != "graph.py"
-                     and not any(p == d or d in p.parents for d in declared))
+    missing = sorted(
+        str(p.relative_to(PACKAGE))
+        for p in runs
+        if p.name != "graph.py" and not any(p == d or d in p.parents for d in declared)
+    )
     assert not missing, f"{stage.name} runs {missing}, which its code deps do not name"
 
 

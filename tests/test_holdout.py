@@ -1,5 +1,6 @@
 """The held-out calibration split and adaptive calibration (`calibrate.until`) in the zip stage: it stops a
 depth on train samples it never trains on, and never reads the val split that reports accuracy."""
+
 from __future__ import annotations
 
 import json

@@ -1,4 +1,5 @@
 """Checkpoint files: identical content gives identical bytes; non-finite weights are never written."""
+
 from __future__ import annotations
 
 import pytest

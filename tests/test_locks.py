@@ -1,4 +1,5 @@
 """One pipeline per project root; no latency measured beside a training."""
+
 from __future__ import annotations
 
 import shutil
@@ -14,8 +15,12 @@ from .conftest import TINY_PARAMS, cli_env, holding_root
 
 
 def _stage(root, *args: str, env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "zipper.cli", *args, "--params", str(root / "params.yaml"),
-                           "--root", str(root)], env={**cli_env(), **(env or {})}, capture_output=True, text=True)
+    return subprocess.run(
+        [sys.executable, "-m", "zipper.cli", *args, "--params", str(root / "params.yaml"), "--root", str(root)],
+        env={**cli_env(), **(env or {})},
+        capture_output=True,
+        text=True,
+    )
 
 
 def test_a_stage_command_refuses_a_held_root_and_names_the_holder(tmp_path):

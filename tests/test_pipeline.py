@@ -1,4 +1,5 @@
 """The real pipeline: `dvc repro` on the tiny params in a temporary git repo, MLflow registry, promote."""
+
 from __future__ import annotations
 
 import json
@@ -54,8 +55,9 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     client = mlflow.MlflowClient(tracking_uri=summary["tracking_uri"], registry_uri=summary["tracking_uri"])
     assert summary["tracking_uri"] == f"sqlite:///{project.resolve() / 'mlflow.db'}"
     parent = client.get_run(summary["parent_run_id"])
-    children = client.search_runs([parent.info.experiment_id],
-                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    children = client.search_runs(
+        [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'"
+    )
     assert sorted(int(r.data.params["depth"]) for r in children) == DEPTHS
     deepest = next(r for r in children if r.data.params["depth"] == "3")
     assert len(client.get_metric_history(deepest.info.run_id, "loss")) == 10  # calibrate.steps
@@ -68,8 +70,9 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
 
     out = run_ok(project, "zipper", "promote", "--depth", "2")
     assert '"depth": 2' in out
-    bad = subprocess.run(["zipper", "promote", "--max-drop", "-1000"], cwd=project, env=cli_env(), capture_output=True,
-                         text=True)
+    bad = subprocess.run(
+        ["zipper", "promote", "--max-drop", "-1000"], cwd=project, env=cli_env(), capture_output=True, text=True
+    )
     assert bad.returncode == 2 and "no depth meets --max-drop -1000" in bad.stderr
     summary = json.loads((project / "reports/mlflow.json").read_text())
     for name in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI"):  # mlflow exports them: gone after the test
@@ -79,8 +82,10 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     pred = model.predict(images)
-    classes = {t: json.loads((project / f"data/shards/{t}/manifest.json").read_text())["classes"]
-               for t in ("shapes", "textures")}
+    classes = {
+        t: json.loads((project / f"data/shards/{t}/manifest.json").read_text())["classes"]
+        for t in ("shapes", "textures")
+    }
     assert list(pred.columns) == ["shapes", "textures"] and len(pred) == 5
     assert all(c in classes[t] for t in pred.columns for c in pred[t])
     assert model.metadata.get_input_schema().inputs[0].type == np.dtype(np.uint8)
@@ -109,8 +114,9 @@ def test_export_writes_the_champion_as_onnx_that_matches_pytorch(project, tmp_pa
     assert max(champion["max_abs_diff"].values()) < 1e-3
     named = export("--depth", "2", "--onnx", str(tmp_path / "d2.onnx"))
     images = np.random.default_rng(2).standard_normal((3, 3, 16, 16)).astype(np.float32)
-    outputs = [onnxruntime.InferenceSession(path).run(None, {"images": images})
-               for path in (champion["onnx"], named["onnx"])]
+    outputs = [
+        onnxruntime.InferenceSession(path).run(None, {"images": images}) for path in (champion["onnx"], named["onnx"])
+    ]
     assert [o.name for o in onnxruntime.InferenceSession(named["onnx"]).get_outputs()] == ["shapes", "textures"]
     assert all(np.allclose(a, b, atol=1e-6) for a, b in zip(*outputs))  # the registry's checkpoint is the file's
 
@@ -138,11 +144,22 @@ def test_a_clone_pulls_every_output_from_the_remote_and_reproduces_nothing(proje
 
     lock = yaml.safe_load((clone / "dvc.lock").read_text())
     outs = sorted({o["path"] for stage in lock["stages"].values() for o in stage.get("outs", [])})
-    assert {"data/shards", "models/teachers", "data/features", "metrics/teachers.json", "models/zip/depth_3.pt",
-            "metrics/depth_3.json", "reports/table.md", "reports/depths.json", "reports/mlflow.json"} <= set(outs)
+    assert {
+        "data/shards",
+        "models/teachers",
+        "data/features",
+        "metrics/teachers.json",
+        "models/zip/depth_3.pt",
+        "metrics/depth_3.json",
+        "reports/table.md",
+        "reports/depths.json",
+        "reports/mlflow.json",
+    } <= set(outs)
     missing = [o for o in outs if not (clone / o).exists()]
-    assert not missing, (f"a clone cannot get {missing} (neither committed to git nor pushed to the remote): "
-                         "make them cached outputs (no `cache: false`) or commit them")
+    assert not missing, (
+        f"a clone cannot get {missing} (neither committed to git nor pushed to the remote): "
+        "make them cached outputs (no `cache: false`) or commit them"
+    )
     for out in outs:
         assert digests(clone / out) == digests(project / out), out
 
@@ -171,8 +188,12 @@ def test_changing_init_reruns_every_depth_and_its_evaluation(project):
     assert {"zip@1", "zip@2", "zip@3", "evaluate@1", "evaluate@2", "evaluate@3", "report"} <= ran, ran
     assert not ran & {"data", "teachers", "features", "zip0", "evaluate0"}, ran
     # Each row says the init its checkpoint was made with; the report says it too.
-    assert [json.loads((project / f"metrics/depth_{d}.json").read_text())["init"] for d in DEPTHS] == \
-        [None, "weights", "weights", "weights"]
+    assert [json.loads((project / f"metrics/depth_{d}.json").read_text())["init"] for d in DEPTHS] == [
+        None,
+        "weights",
+        "weights",
+        "weights",
+    ]
     assert "init `weights`" in (project / "reports/table.md").read_text()
 
 
@@ -187,10 +208,12 @@ def test_an_interrupted_register_is_marked_failed_and_never_promoted(project):
     client = mlflow.MlflowClient(summary["tracking_uri"], summary["tracking_uri"])
     experiment = client.get_experiment_by_name("zipper").experiment_id
     killed = client.create_run(experiment, tags={ROOT_TAG: str(project.resolve())}).info.run_id
-    client.create_model_version(summary["registered_model"], f"runs:/{killed}/model", run_id=killed,
-                                tags={"pipeline_run": killed})  # registered, then killed before its tags
-    promoted = subprocess.run(["zipper", "promote", "--max-drop", "100"], cwd=project, env=cli_env(),
-                              capture_output=True, text=True)
+    client.create_model_version(
+        summary["registered_model"], f"runs:/{killed}/model", run_id=killed, tags={"pipeline_run": killed}
+    )  # registered, then killed before its tags
+    promoted = subprocess.run(
+        ["zipper", "promote", "--max-drop", "100"], cwd=project, env=cli_env(), capture_output=True, text=True
+    )
     picked = json.loads(promoted.stdout)
     assert picked["pipeline_run"] == summary["parent_run_id"] != killed
     fail_interrupted_runs(client, experiment, project.resolve())  # what `zipper register` does first

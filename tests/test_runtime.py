@@ -2,6 +2,7 @@
 gloo (`runtime.nproc_per_node: 2` makes `zipper zip` launch itself on 2 processes, which must end where
 1 process on the same global batch ends, and resume after a kill), bf16 autocast on the CPU, and a
 feature cache over budget that steps aside for online targets."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,19 @@ def project(tmp_path_factory) -> Path:
 
 def _zip_command(root: Path, nproc: int, *sets: str) -> list[str]:
     overrides = [f"runtime.nproc_per_node={nproc}", *sets]
-    return [sys.executable, "-m", "zipper.cli", "zip", "--depth", "1", "--root", str(root),
-            "--params", str(root / "params.yaml"), *(a for s in overrides for a in ("--set", s))]
+    return [
+        sys.executable,
+        "-m",
+        "zipper.cli",
+        "zip",
+        "--depth",
+        "1",
+        "--root",
+        str(root),
+        "--params",
+        str(root / "params.yaml"),
+        *(a for s in overrides for a in ("--set", s)),
+    ]
 
 
 def _zip(root: Path, nproc: int, *sets: str) -> dict[str, torch.Tensor]:
@@ -55,8 +67,11 @@ def _zip(root: Path, nproc: int, *sets: str) -> dict[str, torch.Tensor]:
 
 
 def _max_rel_diff(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> tuple[float, str]:
-    diffs = {k: ((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-3)).item()
-             for k in a if a[k].is_floating_point()}
+    diffs = {
+        k: ((a[k].double() - b[k].double()).abs().max() / a[k].double().abs().max().clamp(min=1e-3)).item()
+        for k in a
+        if a[k].is_floating_point()
+    }
     worst = max(diffs, key=diffs.__getitem__)
     return diffs[worst], worst
 
@@ -74,8 +89,9 @@ def test_a_killed_data_parallel_run_resumes_to_the_uninterrupted_result(project)
     longer = ("calibrate.steps=16", "calibrate.checkpoint_every=2")
     uninterrupted = _zip(project, 2, *longer)
     partial = project / "models/zip/depth_1.partial.pt"
-    proc = subprocess.Popen(_zip_command(project, 2, *longer), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    proc = subprocess.Popen(
+        _zip_command(project, 2, *longer), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True
+    )
     try:
         deadline = time.monotonic() + 300
         while not partial.exists() and proc.poll() is None and time.monotonic() < deadline:
@@ -95,12 +111,28 @@ def test_a_killed_data_parallel_run_resumes_to_the_uninterrupted_result(project)
 def test_bf16_autocast_calibrates_on_the_cpu(project, tmp_path):
     root = tmp_path / "bf16"
     shutil.copytree(project, root)
-    args = ["zip", "--depth", "1", "--root", str(root), "--params", str(root / "params.yaml"),
-            "--set", "runtime.device=cpu", "--set", "runtime.precision=bf16", "--set", "features.enabled=false"]
+    args = [
+        "zip",
+        "--depth",
+        "1",
+        "--root",
+        str(root),
+        "--params",
+        str(root / "params.yaml"),
+        "--set",
+        "runtime.device=cpu",
+        "--set",
+        "runtime.precision=bf16",
+        "--set",
+        "features.enabled=false",
+    ]
     assert zipper(args) == 0
     ckpt = torch.load(root / "models/zip/depth_1.pt", weights_only=True)
-    assert all(v.dtype != torch.bfloat16 and torch.isfinite(v).all() for v in ckpt["state_dict"].values()
-               if v.is_floating_point())
+    assert all(
+        v.dtype != torch.bfloat16 and torch.isfinite(v).all()
+        for v in ckpt["state_dict"].values()
+        if v.is_floating_point()
+    )
     curves = json.loads((root / "models/zip/depth_1.curves.json").read_text())
     assert curves["targets"] == "online" and all(map(torch.isfinite, torch.tensor(curves["loss"])))
 

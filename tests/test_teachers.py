@@ -1,4 +1,5 @@
 """Teachers: tiny training run, save / load round-trip, importing user checkpoints (incl. torchvision)."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,9 @@ def shard_dir(tmp_path_factory):
 
 
 def test_train_save_load_roundtrip(shard_dir, tmp_path):
-    model, acc = train_teacher(shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=5, batch_size=8,
-                               lr=0.05, seed=0)
+    model, acc = train_teacher(
+        shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=5, batch_size=8, lr=0.05, seed=0
+    )
     assert not model.training
     assert accuracy(model, val_batches(shard_dir, input_size=32, batch_size=7)) == acc  # its val split's top-1
     path = tmp_path / "t.pt"
@@ -45,8 +47,9 @@ def test_train_save_load_roundtrip(shard_dir, tmp_path):
 
 
 def test_a_diverging_teacher_stops_with_the_setting_to_change(shard_dir):
-    with pytest.raises(DivergedError,
-                       match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"):
+    with pytest.raises(
+        DivergedError, match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"
+    ):
         train_teacher(shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=30, batch_size=8, lr=1e6, seed=0)
 
 
@@ -113,8 +116,9 @@ def test_teachers_side_by_side_equal_one_after_the_other(tmp_path):
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
 
     def zipper(*args: str) -> str:
-        proc = subprocess.run(["zipper", *args, "--params", str(tiny), "--root", str(tmp_path)], env=env,
-                              capture_output=True, text=True)
+        proc = subprocess.run(
+            ["zipper", *args, "--params", str(tiny), "--root", str(tmp_path)], env=env, capture_output=True, text=True
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         return proc.stderr
 
@@ -122,8 +126,9 @@ def test_teachers_side_by_side_equal_one_after_the_other(tmp_path):
     assert "data: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
     log = zipper("teachers", "--threads", "2")
     assert "teachers: one process per task, side by side: shapes (1 thread(s)), textures (1 thread(s))" in log
-    side_by_side = {t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True)
-                    for t in ("shapes", "textures")}
+    side_by_side = {
+        t: torch.load(tmp_path / f"models/teachers/{t}.pt", weights_only=True) for t in ("shapes", "textures")
+    }
     log = zipper("teachers", "--threads", "1")
     assert "side by side" not in log
     for task, first in side_by_side.items():

@@ -1,4 +1,5 @@
 """The MLflow store under concurrency and the credentials in its URI."""
+
 from __future__ import annotations
 
 import subprocess
@@ -20,8 +21,16 @@ print(client.get_experiment_by_name("zipper").experiment_id)
 def test_two_pipelines_create_one_new_sqlite_store_at_once(tmp_path):
     """Without the store lock, one of the two died in the schema migration in 10 of 10 tries."""
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"
-    procs = [subprocess.Popen([sys.executable, "-c", _REGISTER_START, uri], env=cli_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", _REGISTER_START, uri],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for _ in range(2)
+    ]
     outs = [p.communicate(timeout=300) for p in procs]
     assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outs]
     assert outs[0][0] == outs[1][0]  # one experiment, found by both
@@ -46,7 +55,10 @@ def test_a_pipeline_run_is_tagged_with_its_commit_changes_params_and_experiment(
     head = git(tmp_path, "rev-parse", "HEAD").strip()
     monkeypatch.setenv("DVC_EXP_NAME", "bushy-oars")
     tags = _made_by(params, tmp_path)
-    assert (tags["mlflow.source.git.commit"], tags["zipper.git_dirty"], tags["zipper.dvc_experiment"]) == \
-        (head, "false", "bushy-oars")
+    assert (tags["mlflow.source.git.commit"], tags["zipper.git_dirty"], tags["zipper.dvc_experiment"]) == (
+        head,
+        "false",
+        "bushy-oars",
+    )
     (tmp_path / "params.yaml").write_text("a: 2\n")
     assert _made_by(params, tmp_path)["zipper.git_dirty"] == "true"

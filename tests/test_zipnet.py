@@ -1,4 +1,5 @@
 """Invariants of ZipperNet: exactness at depth 0 and with identical teachers, round trips, errors."""
+
 from __future__ import annotations
 
 import pytest
@@ -104,12 +105,15 @@ def test_different_architectures_name_the_first_mismatch():
         zipper.zip_models({"a": a, "b": wider}, 1)
 
 
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(depth=14), "depth 14 out of range 0..13"),
-    (dict(depth=-1), "out of range"),
-    (dict(depth=1, scope="layer"), "unknown scope 'layer'"),
-    (dict(depth=1, init="magic"), "unknown init 'magic'"),
-])
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(depth=14), "depth 14 out of range 0..13"),
+        (dict(depth=-1), "out of range"),
+        (dict(depth=1, scope="layer"), "unknown scope 'layer'"),
+        (dict(depth=1, init="magic"), "unknown init 'magic'"),
+    ],
+)
 def test_bad_zip_arguments(tiny_teachers, kwargs, match):
     with pytest.raises(ValueError, match=match):
         zipper.zip_models(tiny_teachers, **kwargs)
@@ -146,8 +150,9 @@ def test_forward_per_task_runs_the_trunk_once_on_the_task_mix(tiny_teachers, sco
     """Same outputs as each task alone (eval); in training the trunk's BN normalises the mixed batch."""
     net = zipper.zip_models(tiny_teachers, 4, scope=scope).eval()
     g = torch.Generator().manual_seed(0)
-    inputs = {t: torch.randn(n, 3, TINY["input_size"], TINY["input_size"], generator=g)
-              for t, n in zip(tiny_teachers, (3, 5))}
+    inputs = {
+        t: torch.randn(n, 3, TINY["input_size"], TINY["input_size"], generator=g) for t, n in zip(tiny_teachers, (3, 5))
+    }
     logits, taps = net.forward_per_task(inputs)
     for t, x in inputs.items():
         ref_logits, ref_taps = net.forward_intermediates(x, [t])

@@ -1,4 +1,5 @@
 """zipper: merge same-architecture CNNs into one multi-task network by zippering."""
+
 from .merge import ZipperNet, ZipperSpec, deepen, load, zip_models
 from .models import build_model
 

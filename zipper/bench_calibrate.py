@@ -15,6 +15,7 @@ speed does not depend on training, but untrained eval-mode BNs would push activa
 slow denormal range. Clocks are read after synchronising the device, and the first `warmup` steps
 of every mode are not timed (allocator, kernel selection, worker start-up).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -80,7 +81,7 @@ class BenchConfig:
 
 
 def parse_workers(text: str) -> tuple[int, ...]:
-    """"0,2,N" -> (0, 2, os.cpu_count()); duplicates dropped, order kept."""
+    """ "0,2,N" -> (0, 2, os.cpu_count()); duplicates dropped, order kept."""
     out = []
     for item in text.split(","):
         item = item.strip()
@@ -92,6 +93,7 @@ def parse_workers(text: str) -> tuple[int, ...]:
 
 
 # ------------------------------------------------------------------------------------- timing
+
 
 def synchronize(device: torch.device) -> None:
     """Wait for queued kernels: on an accelerator the clock would otherwise time only their launch."""
@@ -114,7 +116,7 @@ class StepClock:
 
     def seconds_per_step(self, warmup: int) -> float:
         """Mean time of the steps after the first `warmup` (clocked from the end of step `warmup`)."""
-        timed = self.times[warmup - 1:]
+        timed = self.times[warmup - 1 :]
         if len(timed) < 2:
             raise ValueError(f"need more than {warmup} clocked steps, got {len(self.times)}")
         return (timed[-1] - timed[0]) / (len(timed) - 1)
@@ -128,6 +130,7 @@ def _close(*streams: Iterator) -> None:
 
 
 # ------------------------------------------------------------------------------------ inputs
+
 
 def write_image_folder(root: Path, task: str, n_train: int, n_val: int, size: int, seed: int) -> None:
     """`root/{train,val}/<class>/<i>.png`: the synthetic task's images at `size` px."""
@@ -162,8 +165,9 @@ def write_bench_shards(tmp: Path, cfg: BenchConfig, max_workers: int) -> dict[st
 
 def make_teachers(cfg: BenchConfig) -> dict[str, Backbone]:
     torch.manual_seed(cfg.seed)
-    teachers = {t: build_model(cfg.arch, len(synthetic.TASKS[t]), width=cfg.width, input_size=cfg.input_size)
-                for t in TASKS}
+    teachers = {
+        t: build_model(cfg.arch, len(synthetic.TASKS[t]), width=cfg.width, input_size=cfg.input_size) for t in TASKS
+    }
     for teacher in teachers.values():
         trained_like_bn(teacher, cfg.input_size)
     return teachers
@@ -182,21 +186,37 @@ def cache_bytes_per_sample(teacher: Backbone, shard_dir: Path, input_size: int, 
 
 # ------------------------------------------------------------------------------------- modes
 
+
 def time_teacher(shard_dir: Path, cfg: BenchConfig, runtime: Runtime, workers: int) -> float:
     """Seconds per `train_teacher` step, timed by its `on_step` callback."""
     clock = StepClock(runtime.device)
-    train_teacher(shard_dir, arch=cfg.arch, width=cfg.width, input_size=cfg.input_size, steps=cfg.warmup + cfg.steps,
-                  batch_size=cfg.batch, lr=0.1, seed=cfg.seed, runtime=replace(runtime, num_workers=workers),
-                  on_step=clock)
+    train_teacher(
+        shard_dir,
+        arch=cfg.arch,
+        width=cfg.width,
+        input_size=cfg.input_size,
+        steps=cfg.warmup + cfg.steps,
+        batch_size=cfg.batch,
+        lr=0.1,
+        seed=cfg.seed,
+        runtime=replace(runtime, num_workers=workers),
+        on_step=clock,
+    )
     return clock.seconds_per_step(cfg.warmup)
 
 
-def time_calibration(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping[str, Iterator],
-                     cfg: BenchConfig, runtime: Runtime) -> float:
+def time_calibration(
+    net: ZipperNet,
+    teachers: Mapping[str, Backbone],
+    streams: Mapping[str, Iterator],
+    cfg: BenchConfig,
+    runtime: Runtime,
+) -> float:
     """Seconds per `calibrate()` step of (a copy of) `net`, timed by its `on_step` callback."""
     net = copy.deepcopy(net)  # every mode calibrates the same start
-    recipe = CalibrateConfig(steps=cfg.warmup + cfg.steps, batch_size=cfg.batch, bn_reset_batches=0,
-                             checkpoint_every=10**9, seed=cfg.seed)
+    recipe = CalibrateConfig(
+        steps=cfg.warmup + cfg.steps, batch_size=cfg.batch, bn_reset_batches=0, checkpoint_every=10**9, seed=cfg.seed
+    )
     clock = StepClock(runtime.device)
     try:
         calibrate(net, teachers, streams, recipe, runtime=runtime, on_step=clock)
@@ -207,8 +227,15 @@ def time_calibration(net: ZipperNet, teachers: Mapping[str, Backbone], streams: 
 
 def time_data(shard_dir: Path, cfg: BenchConfig, runtime: Runtime, workers: int) -> tuple[float, int]:
     """(seconds per batch, batches timed) of `train_batches` -> device tensors with `workers` loader workers."""
-    stream = train_batches(shard_dir, input_size=cfg.input_size, batch_size=cfg.batch, augment=True, seed=cfg.seed,
-                           num_workers=workers, pin_memory=runtime.pin_memory)
+    stream = train_batches(
+        shard_dir,
+        input_size=cfg.input_size,
+        batch_size=cfg.batch,
+        augment=True,
+        seed=cfg.seed,
+        num_workers=workers,
+        pin_memory=runtime.pin_memory,
+    )
     timed = max(20, cfg.steps, 4 * workers)  # a batch is cheap: time enough of them to see every worker deliver
     clock = StepClock(runtime.device)
     try:
@@ -220,22 +247,38 @@ def time_data(shard_dir: Path, cfg: BenchConfig, runtime: Runtime, workers: int)
     return clock.seconds_per_step(cfg.warmup + workers), timed
 
 
-def write_caches(teachers: Mapping[str, Backbone], shards: Mapping[str, Path], tmp: Path, cfg: BenchConfig,
-                 runtime: Runtime, per_sample: float) -> dict[str, Path] | str:
+def write_caches(
+    teachers: Mapping[str, Backbone],
+    shards: Mapping[str, Path],
+    tmp: Path,
+    cfg: BenchConfig,
+    runtime: Runtime,
+    per_sample: float,
+) -> dict[str, Path] | str:
     """Feature caches of every task, or the reason they are skipped (over the temp budget)."""
     need_mb = per_sample * cfg.num_samples * len(shards) / 2**20
     budget_mb = min(cfg.cache_budget_mb, shutil.disk_usage(tmp).free / 2**20 / 2)
     if need_mb > budget_mb:
-        return (f"feature caches would take {need_mb:.0f} MiB ({per_sample / 1024:.0f} KiB/sample x "
-                f"{cfg.num_samples} samples x {len(shards)} tasks), over the temp budget of {budget_mb:.0f} MiB "
-                "(--cache-budget-mb, half the free disk at most)")
+        return (
+            f"feature caches would take {need_mb:.0f} MiB ({per_sample / 1024:.0f} KiB/sample x "
+            f"{cfg.num_samples} samples x {len(shards)} tasks), over the temp budget of {budget_mb:.0f} MiB "
+            "(--cache-budget-mb, half the free disk at most)"
+        )
     out = {}
     with contextlib.redirect_stdout(sys.stderr):  # the cache's size line is progress, not a result
         for task, teacher in teachers.items():
             out[task] = tmp / "features" / task
             try:
-                write_feature_cache(teacher, shards[task], out[task], input_size=cfg.input_size, batch_size=cfg.batch,
-                                    budget_mb=budget_mb, teacher_sha256="bench", runtime=runtime)
+                write_feature_cache(
+                    teacher,
+                    shards[task],
+                    out[task],
+                    input_size=cfg.input_size,
+                    batch_size=cfg.batch,
+                    budget_mb=budget_mb,
+                    teacher_sha256="bench",
+                    runtime=runtime,
+                )
             except OverBudget as e:
                 return str(e)
     return out
@@ -243,9 +286,16 @@ def write_caches(teachers: Mapping[str, Backbone], shards: Mapping[str, Path], t
 
 # ------------------------------------------------------------------------------------- driver
 
-def run(cfg: BenchConfig, runtime_cfg: RuntimeConfig = RuntimeConfig(), *, threads: int = 0,
-        json_path: str | os.PathLike | None = None, tmp_dir: str | None = None,
-        out: TextIO | None = None) -> list[dict[str, Any]]:
+
+def run(
+    cfg: BenchConfig,
+    runtime_cfg: RuntimeConfig = RuntimeConfig(),
+    *,
+    threads: int = 0,
+    json_path: str | os.PathLike | None = None,
+    tmp_dir: str | None = None,
+    out: TextIO | None = None,
+) -> list[dict[str, Any]]:
     """Time every mode; print the table and the two ratios, optionally write the rows as JSON."""
     set_threads(threads)
     bench = _Bench(cfg, Runtime.from_config(runtime_cfg))
@@ -270,21 +320,42 @@ class _Bench:
         self.cfg, self.runtime = cfg, runtime
         self.rows: list[dict[str, Any]] = []
         # A GPU outruns one process decoding PNGs; a CPU needs its cores for the step.
-        self.step_workers: int = (cfg.step_workers if cfg.step_workers is not None
-                                  else 0 if runtime.device.type == "cpu" else min(8, os.cpu_count() or 1))
+        self.step_workers: int = (
+            cfg.step_workers
+            if cfg.step_workers is not None
+            else 0
+            if runtime.device.type == "cpu"
+            else min(8, os.cpu_count() or 1)
+        )
         self.teachers = make_teachers(cfg)
         blocks = next(iter(self.teachers.values())).num_blocks
         self.depth = blocks // 2 if cfg.depth is None else cfg.depth
         self.net = zip_models(self.teachers, self.depth, scope="block")  # zipped before anything moves to the device
         self.shards: dict[str, Path] = {}
-        self.common = dict(device=str(runtime.device), precision=runtime.precision,
-                           channels_last=runtime.channels_last, arch=cfg.arch, width=cfg.width,
-                           input_size=cfg.input_size, batch=cfg.batch, threads=torch.get_num_threads())
+        self.common = dict(
+            device=str(runtime.device),
+            precision=runtime.precision,
+            channels_last=runtime.channels_last,
+            arch=cfg.arch,
+            width=cfg.width,
+            input_size=cfg.input_size,
+            batch=cfg.batch,
+            threads=torch.get_num_threads(),
+        )
 
     def add(self, mode: str, workers: int, seconds: float | None, images: int, **extra: Any) -> None:
         rate = images / seconds if seconds else None
-        self.rows.append({"mode": mode, "images_per_s": rate, "workers": workers, **self.common,
-                          "seconds_per_step": seconds, "images_per_step": images, **extra})
+        self.rows.append(
+            {
+                "mode": mode,
+                "images_per_s": rate,
+                "workers": workers,
+                **self.common,
+                "seconds_per_step": seconds,
+                "images_per_step": images,
+                **extra,
+            }
+        )
 
     @property
     def first(self) -> Path:
@@ -292,8 +363,13 @@ class _Bench:
 
     def loader(self) -> dict[str, Any]:
         """Stream arguments of the training modes."""
-        return dict(batch_size=self.cfg.batch, seed=self.cfg.seed, input_size=self.cfg.input_size,
-                    num_workers=self.step_workers, pin_memory=self.runtime.pin_memory)
+        return dict(
+            batch_size=self.cfg.batch,
+            seed=self.cfg.seed,
+            input_size=self.cfg.input_size,
+            num_workers=self.step_workers,
+            pin_memory=self.runtime.pin_memory,
+        )
 
     def teacher(self) -> None:
         seconds = time_teacher(self.first, self.cfg, self.runtime, self.step_workers)
@@ -338,14 +414,16 @@ def format_table(rows: Sequence[dict[str, Any]], cfg: BenchConfig, depth: int) -
     """The rows as a table, then the two ratios against their goals."""
     r0 = rows[0]
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    lines = [f"bench calibrate: {cfg.arch} width {cfg.width:g}, {cfg.input_size} px, batch {cfg.batch} per task, "
-             f"{len(TASKS)} tasks, calibrating depth {depth} (block scope)",
-             f"{r0['device']}, {r0['precision']}, channels_last {'on' if r0['channels_last'] else 'off'}; "
-             f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpu(s), {r0['threads']} torch "
-             f"thread(s), load {load:.1f}; {cfg.steps} timed steps after {cfg.warmup} warm-up",
-             "",
-             f"{'mode':<17} {'workers':>7} {'images/s':>10} {'ms/step':>9} {'images/step':>11}  note",
-             "-" * 72]
+    lines = [
+        f"bench calibrate: {cfg.arch} width {cfg.width:g}, {cfg.input_size} px, batch {cfg.batch} per task, "
+        f"{len(TASKS)} tasks, calibrating depth {depth} (block scope)",
+        f"{r0['device']}, {r0['precision']}, channels_last {'on' if r0['channels_last'] else 'off'}; "
+        f"torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpu(s), {r0['threads']} torch "
+        f"thread(s), load {load:.1f}; {cfg.steps} timed steps after {cfg.warmup} warm-up",
+        "",
+        f"{'mode':<17} {'workers':>7} {'images/s':>10} {'ms/step':>9} {'images/step':>11}  note",
+        "-" * 72,
+    ]
     for r in rows:
         rate = "-" if r["images_per_s"] is None else f"{r['images_per_s']:.1f}"
         ms = "-" if r["seconds_per_step"] is None else f"{1000 * r['seconds_per_step']:.1f}"
@@ -357,10 +435,14 @@ def format_table(rows: Sequence[dict[str, Any]], cfg: BenchConfig, depth: int) -
     for r in rows:
         if "vs_teacher" not in r:
             continue
-        lines.append(f"{r['mode']} / teacher images/s: {r['vs_teacher']:.2f} "
-                     f"(goal >= {GOAL_CALIBRATE_VS_TEACHER}: {_met(r['vs_teacher'], GOAL_CALIBRATE_VS_TEACHER)})")
-        lines.append(f"data ({r['data_best_workers']} workers) / {r['mode']} images/s: {r['data_vs_calibrate']:.2f} "
-                     f"(goal >= {GOAL_DATA_VS_CALIBRATE:g}: {_met(r['data_vs_calibrate'], GOAL_DATA_VS_CALIBRATE)})")
+        lines.append(
+            f"{r['mode']} / teacher images/s: {r['vs_teacher']:.2f} "
+            f"(goal >= {GOAL_CALIBRATE_VS_TEACHER}: {_met(r['vs_teacher'], GOAL_CALIBRATE_VS_TEACHER)})"
+        )
+        lines.append(
+            f"data ({r['data_best_workers']} workers) / {r['mode']} images/s: {r['data_vs_calibrate']:.2f} "
+            f"(goal >= {GOAL_DATA_VS_CALIBRATE:g}: {_met(r['data_vs_calibrate'], GOAL_DATA_VS_CALIBRATE)})"
+        )
     return "\n".join(lines)
 
 

@@ -6,6 +6,7 @@ Teacher targets come from a feature cache (fixed preprocessing) or are computed 
 runs the shared trunk once on all tasks' batches (`ZipperNet.forward_per_task`), so its BatchNorms
 train on the task mix they normalise at inference.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,6 +40,7 @@ RECOVERED_PP = 1.0  # "recovered": every task within this many points of its tea
 class UntilConfig:
     """Stop a depth's calibration early: checked every `check_every` steps on the held-out split
     (`data.holdout` of each task's train samples, on which neither teachers nor calibration train)."""
+
     max_drop_pp: float = 0.5  # stop once every task is within this many points of its teacher
     check_every: int = 25
     # or once the loss of the last check_every steps fell less than this fraction; off (0) by default: stopped
@@ -77,15 +79,20 @@ class CalibrateConfig:
 Stream = Iterator[tuple]
 
 
-def teacher_targets(teacher: Backbone, batch: tuple, runtime: Runtime = CPU
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+def teacher_targets(
+    teacher: Backbone, batch: tuple, runtime: Runtime = CPU
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
     """(x, y, teacher logits, teacher taps) on the runtime's device: from the cache when the batch
     carries them, else from the teacher's forward (online)."""
     # cached: the taps keep their layout (converting them to channels_last costs more than it saves)
     if len(batch) == 4:
         x, y, logits, taps = batch
-        return runtime.tensor(x), runtime.tensor(y), runtime.tensor(logits), \
-            {k: v.to(runtime.device, non_blocking=True) for k, v in taps.items()}
+        return (
+            runtime.tensor(x),
+            runtime.tensor(y),
+            runtime.tensor(logits),
+            {k: v.to(runtime.device, non_blocking=True) for k, v in taps.items()},
+        )
     x, y = runtime.batch(batch)
     with torch.no_grad(), runtime.autocast():
         logits, feats = teacher.forward_intermediates(x)
@@ -93,8 +100,14 @@ def teacher_targets(teacher: Backbone, batch: tuple, runtime: Runtime = CPU
     return x, y, logits, {k: v for k, v in feats.items() if k in taps}
 
 
-def task_loss(cfg: CalibrateConfig, logits: torch.Tensor, taps: Mapping[str, torch.Tensor], y: torch.Tensor,
-              t_logits: torch.Tensor, t_taps: Mapping[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def task_loss(
+    cfg: CalibrateConfig,
+    logits: torch.Tensor,
+    taps: Mapping[str, torch.Tensor],
+    y: torch.Tensor,
+    t_logits: torch.Tensor,
+    t_taps: Mapping[str, torch.Tensor],
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(cross-entropy [+ KD], summed per-layer L1) for one task's batch."""
     if taps.keys() != t_taps.keys():
         missing = sorted(set(t_taps) ^ set(taps))
@@ -103,8 +116,13 @@ def task_loss(cfg: CalibrateConfig, logits: torch.Tensor, taps: Mapping[str, tor
     ce = F.cross_entropy(logits, y)
     if cfg.kd_weight:
         T = cfg.kd_temperature
-        kd = F.kl_div(F.log_softmax(logits / T, 1), F.log_softmax(t_logits / T, 1), log_target=True,
-                      reduction="batchmean") * T * T
+        kd = (
+            F.kl_div(
+                F.log_softmax(logits / T, 1), F.log_softmax(t_logits / T, 1), log_target=True, reduction="batchmean"
+            )
+            * T
+            * T
+        )
         ce = ce + cfg.kd_weight * kd
     l1 = sum((F.l1_loss(taps[k].float(), t_taps[k].float()) for k in t_taps), logits.new_zeros(()))
     return ce, l1
@@ -120,8 +138,9 @@ def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: 
 
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
     if cfg.optimizer == "sgd":
-        opt: torch.optim.Optimizer = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                                                     weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0)
+        opt: torch.optim.Optimizer = torch.optim.SGD(
+            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay, nesterov=cfg.momentum > 0
+        )
     else:
         opt_cls = torch.optim.Adam if cfg.optimizer == "adam" else torch.optim.AdamW
         opt = opt_cls(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -142,10 +161,18 @@ StepCallback = Callable[[int, ZipperNet], None]
 HeldOutDrop = Callable[[ZipperNet], Mapping[str, float]]
 
 
-def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping[str, Stream],
-              cfg: CalibrateConfig, *, partial_path: str | os.PathLike | None = None, runtime: Runtime = CPU,
-              resume_key: Mapping[str, object] | None = None, on_step: StepCallback | None = None,
-              held_out_drop: HeldOutDrop | None = None) -> dict[str, list]:
+def calibrate(
+    net: ZipperNet,
+    teachers: Mapping[str, Backbone],
+    streams: Mapping[str, Stream],
+    cfg: CalibrateConfig,
+    *,
+    partial_path: str | os.PathLike | None = None,
+    runtime: Runtime = CPU,
+    resume_key: Mapping[str, object] | None = None,
+    on_step: StepCallback | None = None,
+    held_out_drop: HeldOutDrop | None = None,
+) -> dict[str, list]:
     """Calibrate `net` in place on `runtime`'s device (left on the CPU after); returns per-step
     curves {loss, ce, distill, lr} of the global batch, and {checks} of the held-out split.
 
@@ -171,8 +198,14 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping
     if cfg.until is not None and held_out_drop is None:
         raise ValueError("calibrate.until needs the held-out split's drop (held_out_drop)")
     curves: dict[str, list] = {"loss": [], "ce": [], "distill": [], "lr": [], "checks": []}
-    key = sha256_json({"cfg": asdict(cfg), "spec": asdict(net.spec), "inputs": dict(resume_key or {}),
-                       "world_size": runtime.world_size})
+    key = sha256_json(
+        {
+            "cfg": asdict(cfg),
+            "spec": asdict(net.spec),
+            "inputs": dict(resume_key or {}),
+            "world_size": runtime.world_size,
+        }
+    )
     with data_parallel(net, runtime, "forward_per_task") as forward:
         start = _resume(partial_path, key, net, opt, sched, scaler, curves)
         if start:  # the streams and RNG where the interrupted run had them
@@ -180,8 +213,14 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping
         elif cfg.bn_reset_batches:
             reset_bn_on_streams(net, streams, cfg.bn_reset_batches, runtime)
         net.train()
-        bar = tqdm(range(start, cfg.steps), desc=f"calibrate depth {net.depth}", initial=start, total=cfg.steps,
-                   disable=None if runtime.is_main else True, leave=False)
+        bar = tqdm(
+            range(start, cfg.steps),
+            desc=f"calibrate depth {net.depth}",
+            initial=start,
+            total=cfg.steps,
+            disable=None if runtime.is_main else True,
+            leave=False,
+        )
         for step in bar:
             ce_sum, l1_sum = _step(net, forward, teachers, streams, cfg, opt, scaler, runtime, step, partial_path)
             curves["lr"].append(opt.param_groups[0]["lr"])
@@ -189,14 +228,28 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping
             curves["ce"].append(ce_sum)
             curves["distill"].append(l1_sum)
             curves["loss"].append(ce_sum + cfg.distill_weight * l1_sum)
-            check_loss(curves["loss"][-1], curves["loss"][0], where=f"calibration of depth {net.depth}, step {step}",
-                       hint=_hint(partial_path))
+            check_loss(
+                curves["loss"][-1],
+                curves["loss"][0],
+                where=f"calibration of depth {net.depth}, step {step}",
+                hint=_hint(partial_path),
+            )
             bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
             stop = _check(net, cfg, step + 1, curves, held_out_drop, runtime)
             if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
-                save_torch({"key": key, "step": step + 1, "net": cpu_state(net), "opt": opt.state_dict(),
-                            "sched": sched.state_dict(), "scaler": scaler.state_dict(), "curves": curves,
-                            "rng": torch.get_rng_state()}, partial_path)
+                save_torch(
+                    {
+                        "key": key,
+                        "step": step + 1,
+                        "net": cpu_state(net),
+                        "opt": opt.state_dict(),
+                        "sched": sched.state_dict(),
+                        "scaler": scaler.state_dict(),
+                        "curves": curves,
+                        "rng": torch.get_rng_state(),
+                    },
+                    partial_path,
+                )
             if on_step is not None:
                 on_step(step + 1, net)
             if stop:
@@ -205,13 +258,19 @@ def calibrate(net: ZipperNet, teachers: Mapping[str, Backbone], streams: Mapping
     if partial_path and runtime.is_main:
         Path(partial_path).unlink(missing_ok=True)
     if curves["loss"]:
-        log.info("depth %d calibrated: loss %.4f -> %.4f over %d steps", net.depth, curves["loss"][0],
-                 curves["loss"][-1], len(curves["loss"]))
+        log.info(
+            "depth %d calibrated: loss %.4f -> %.4f over %d steps",
+            net.depth,
+            curves["loss"][0],
+            curves["loss"][-1],
+            len(curves["loss"]),
+        )
     return curves
 
 
-def _check(net: ZipperNet, cfg: CalibrateConfig, step: int, curves: dict, held_out_drop: HeldOutDrop | None,
-           runtime: Runtime) -> str | None:
+def _check(
+    net: ZipperNet, cfg: CalibrateConfig, step: int, curves: dict, held_out_drop: HeldOutDrop | None, runtime: Runtime
+) -> str | None:
     """At every `until.check_every` steps: record the held-out drops; the reason to stop, if any."""
     until = cfg.until
     if until is None or held_out_drop is None or step % until.check_every:
@@ -220,13 +279,22 @@ def _check(net: ZipperNet, cfg: CalibrateConfig, step: int, curves: dict, held_o
     # every process decides on the same numbers (each one's BN statistics may differ in the last bits)
     drops = dict(zip(drops, mean_over_processes(list(drops.values()), runtime)))
     w = until.check_every
-    window, before = curves["loss"][-w:], curves["loss"][-2 * w:-w]
-    reason = ("target" if max(drops.values()) <= until.max_drop_pp else
-              "plateau" if until.plateau and len(before) == w and sum(window) > (1 - until.plateau) * sum(before)
-              else None)
+    window, before = curves["loss"][-w:], curves["loss"][-2 * w : -w]
+    reason = (
+        "target"
+        if max(drops.values()) <= until.max_drop_pp
+        else "plateau"
+        if until.plateau and len(before) == w and sum(window) > (1 - until.plateau) * sum(before)
+        else None
+    )
     curves["checks"].append({"step": step, "drop_pp": drops, "stop": reason})
-    log.info("depth %d, step %d: held-out drop %s%s", net.depth, step,
-             {t: round(d, 2) for t, d in drops.items()}, f"; stopping ({reason})" if reason else "")
+    log.info(
+        "depth %d, step %d: held-out drop %s%s",
+        net.depth,
+        step,
+        {t: round(d, 2) for t, d in drops.items()},
+        f"; stopping ({reason})" if reason else "",
+    )
     return reason
 
 
@@ -236,9 +304,18 @@ def steps_to_recover(checks: list[Mapping], within_pp: float = RECOVERED_PP) -> 
     return next((c["step"] for c in checks if max(c["drop_pp"].values()) <= within_pp), None)
 
 
-def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, Backbone], streams: Mapping[str, Stream],
-          cfg: CalibrateConfig, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, runtime: Runtime,
-          step: int, partial_path) -> tuple[float, float]:
+def _step(
+    net: ZipperNet,
+    forward: Callable,
+    teachers: Mapping[str, Backbone],
+    streams: Mapping[str, Stream],
+    cfg: CalibrateConfig,
+    opt: torch.optim.Optimizer,
+    scaler: torch.amp.GradScaler,
+    runtime: Runtime,
+    step: int,
+    partial_path,
+) -> tuple[float, float]:
     """One optimizer step on one batch per task; returns the global batch's (ce, distill) sums."""
     opt.zero_grad(set_to_none=True)
     batches = {t: teacher_targets(teachers[t], next(streams[t]), runtime) for t in net.spec.task_names}
@@ -253,8 +330,13 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, Backbone], s
     # One reduction per step: every process sees the same values, so all stop together on a bad loss.
     values = mean_over_processes(torch.stack(parts).tolist(), runtime)
     for i, value in enumerate(values):  # before the step: a non-finite loss must not reach the weights
-        check_loss(value, math.nan, where=f"calibration of depth {net.depth}, step {step}, task "
-                   f"{net.spec.task_names[i // 2]!r} (ce, l1 per task: {values})", hint=_hint(partial_path))
+        check_loss(
+            value,
+            math.nan,
+            where=f"calibration of depth {net.depth}, step {step}, task "
+            f"{net.spec.task_names[i // 2]!r} (ce, l1 per task: {values})",
+            hint=_hint(partial_path),
+        )
     scaler.scale(loss).backward()
     if cfg.grad_clip:
         scaler.unscale_(opt)
@@ -265,8 +347,10 @@ def _step(net: ZipperNet, forward: Callable, teachers: Mapping[str, Backbone], s
 
 
 def _hint(partial_path) -> str:
-    return (f"lower calibrate.lr or raise calibrate.grad_clip (last good checkpoint: "
-            f"{partial_path if partial_path and Path(partial_path).exists() else 'none kept'})")
+    return (
+        f"lower calibrate.lr or raise calibrate.grad_clip (last good checkpoint: "
+        f"{partial_path if partial_path and Path(partial_path).exists() else 'none kept'})"
+    )
 
 
 def _skip(streams: Mapping[str, Stream], batches: int) -> None:

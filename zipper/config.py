@@ -3,6 +3,7 @@
 Unknown keys, wrong types and values out of range (`RANGES`) are errors that name the key
 (`calibrate.lr: expected float, got 'fast'`).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -88,8 +89,10 @@ class ZipperConfig:
             raise ValueError(f"zipper.init: unknown {self.init!r}; expected one of {INITS}")
         for i, (depth, prev) in enumerate(self.chain.items(), 1):
             if (depth, prev) != (str(i), i - 1):
-                raise ValueError(f"zipper.chain: entry {i} must be '\"{i}\": {i - 1}' (depth: previous depth), "
-                                 f"got '{depth!r}: {prev!r}'")
+                raise ValueError(
+                    f"zipper.chain: entry {i} must be '\"{i}\": {i - 1}' (depth: previous depth), "
+                    f"got '{depth!r}: {prev!r}'"
+                )
 
     @property
     def depths(self) -> list[int]:
@@ -112,8 +115,10 @@ class TrackingConfig:
 
     def __post_init__(self) -> None:
         if urlsplit(self.uri).password:  # params are committed, logged, and copied into dvc.lock
-            raise ValueError("tracking.uri: holds a password; leave it empty and set MLFLOW_TRACKING_URI (or "
-                             "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) in the environment instead")
+            raise ValueError(
+                "tracking.uri: holds a password; leave it empty and set MLFLOW_TRACKING_URI (or "
+                "MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD) in the environment instead"
+            )
 
     def tracking_uri(self, root: str | os.PathLike) -> str:
         return self.uri or os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(root).resolve() / 'mlflow.db'}"
@@ -133,16 +138,20 @@ class Params:
     def __post_init__(self) -> None:
         for key, interval in RANGES.items():
             section, _, name = key.rpartition(".")
-            if param_value(self, section) is not None:  # an optional section left out (calibrate.until)
-                _check_range(key, getattr(param_value(self, section), name), interval)
+            holder = param_value(self, section)
+            if holder is not None:  # None: an optional section left out (calibrate.until)
+                _check_range(key, getattr(holder, name), interval)
         unknown = sorted(set(self.teachers.checkpoints) - set(self.data.tasks))
         if unknown:
-            raise ValueError(f"teachers.checkpoints: {unknown[0]!r} is not a task "
-                             f"(tasks: {', '.join(self.data.tasks)})")
+            raise ValueError(
+                f"teachers.checkpoints: {unknown[0]!r} is not a task (tasks: {', '.join(self.data.tasks)})"
+            )
         self._check_chain_fits()
         if self.calibrate.until is not None and not self.data.holdout:
-            raise ValueError("calibrate.until: stops on the held-out split, but data.holdout is 0; hold out a "
-                             "fraction of the train samples (e.g. data.holdout: 0.2)")
+            raise ValueError(
+                "calibrate.until: stops on the held-out split, but data.holdout is 0; hold out a "
+                "fraction of the train samples (e.g. data.holdout: 0.2)"
+            )
 
     def _check_chain_fits(self) -> None:
         """The deepest depth of the chain must exist in the architecture: found now, not after hours of
@@ -153,8 +162,10 @@ class Params:
         # The block count depends on the architecture alone: the narrowest build reads it cheapest.
         blocks = build_model(t.arch, 2, width=0.25, input_size=t.input_size).num_blocks
         if self.zipper.depths[-1] > blocks:
-            raise ValueError(f"zipper.chain: depth {self.zipper.depths[-1]} is deeper than {t.arch}, which has "
-                             f"{blocks} blocks; the chain can go up to \"{blocks}\": {blocks - 1}")
+            raise ValueError(
+                f"zipper.chain: depth {self.zipper.depths[-1]} is deeper than {t.arch}, which has "
+                f'{blocks} blocks; the chain can go up to "{blocks}": {blocks - 1}'
+            )
 
     @property
     def tasks(self) -> list[str]:
@@ -168,21 +179,41 @@ class Params:
 # Every numeric setting's valid range, as an interval: checked when params.yaml is loaded, so a bad
 # value fails before any stage runs rather than as a traceback (or a silent NaN) hours later.
 RANGES: dict[str, str] = {
-    "data.maxcount": "[1, inf)", "data.holdout": "[0, 1)",
-    "teachers.width": "(0, inf)", "teachers.input_size": "[8, inf)", "teachers.steps": "[1, inf)",
-    "teachers.batch_size": "[1, inf)", "teachers.lr": "(0, inf)", "teachers.weight_decay": "[0, inf)",
-    "teachers.momentum": "[0, 1)", "teachers.label_smoothing": "[0, 1)",
-    "features.budget_mb": "[0, inf)", "features.batch_size": "[1, inf)",
+    "data.maxcount": "[1, inf)",
+    "data.holdout": "[0, 1)",
+    "teachers.width": "(0, inf)",
+    "teachers.input_size": "[8, inf)",
+    "teachers.steps": "[1, inf)",
+    "teachers.batch_size": "[1, inf)",
+    "teachers.lr": "(0, inf)",
+    "teachers.weight_decay": "[0, inf)",
+    "teachers.momentum": "[0, 1)",
+    "teachers.label_smoothing": "[0, 1)",
+    "features.budget_mb": "[0, inf)",
+    "features.batch_size": "[1, inf)",
     "zipper.align_batches": "[1, inf)",
-    "calibrate.steps": "[0, inf)", "calibrate.batch_size": "[1, inf)", "calibrate.lr": "(0, inf)",
-    "calibrate.momentum": "[0, 1)", "calibrate.weight_decay": "[0, inf)", "calibrate.warmup_steps": "[0, inf)",
-    "calibrate.distill_weight": "[0, inf)", "calibrate.kd_weight": "[0, inf)", "calibrate.kd_temperature": "(0, inf)",
-    "calibrate.grad_clip": "[0, inf)", "calibrate.bn_reset_batches": "[0, inf)",
+    "calibrate.steps": "[0, inf)",
+    "calibrate.batch_size": "[1, inf)",
+    "calibrate.lr": "(0, inf)",
+    "calibrate.momentum": "[0, 1)",
+    "calibrate.weight_decay": "[0, inf)",
+    "calibrate.warmup_steps": "[0, inf)",
+    "calibrate.distill_weight": "[0, inf)",
+    "calibrate.kd_weight": "[0, inf)",
+    "calibrate.kd_temperature": "(0, inf)",
+    "calibrate.grad_clip": "[0, inf)",
+    "calibrate.bn_reset_batches": "[0, inf)",
     "calibrate.checkpoint_every": "[1, inf)",
-    "calibrate.until.max_drop_pp": "[0, inf)", "calibrate.until.check_every": "[1, inf)",
-    "calibrate.until.plateau": "[0, 1)", "calibrate.until.holdout_samples": "[1, inf)",
-    "evaluate.batch_size": "[1, inf)", "evaluate.latency_repeats": "[1, inf)", "evaluate.threads": "[1, inf)",
-    "runtime.num_workers": "[0, inf)", "runtime.threads": "[0, inf)", "runtime.nproc_per_node": "[1, inf)",
+    "calibrate.until.max_drop_pp": "[0, inf)",
+    "calibrate.until.check_every": "[1, inf)",
+    "calibrate.until.plateau": "[0, 1)",
+    "calibrate.until.holdout_samples": "[1, inf)",
+    "evaluate.batch_size": "[1, inf)",
+    "evaluate.latency_repeats": "[1, inf)",
+    "evaluate.threads": "[1, inf)",
+    "runtime.num_workers": "[0, inf)",
+    "runtime.threads": "[0, inf)",
+    "runtime.nproc_per_node": "[1, inf)",
 }
 
 
@@ -241,8 +272,11 @@ def _build(cls: type, raw: Any, where: str) -> Any:
     if unknown:
         raise ValueError(f"unknown key {where + unknown[0]!r} (known: {', '.join(fields)})")
     kwargs = {name: _convert(hints[name], value, f"{where}{name}") for name, value in raw.items()}
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ValueError(f"missing key {where + missing[0]!r}")
     return cls(**kwargs)

@@ -4,6 +4,7 @@ DVC runs a per-task stage once for all tasks, so a path that names one task (or,
 not per depth, one depth) becomes the folder that holds them all. Per-depth stages iterate over
 zipper.chain with `foreach`, so a longer chain in params.yaml needs no new dvc.yaml.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -44,8 +45,9 @@ def _out(path: str, committed: set[str]) -> Any:
 
 
 def _stage_entry(s: Stage, params: Params) -> dict[str, Any]:
-    command = f"zipper {s.command}" + (" --depth ${key}" if s.each == "depth" else
-                                       f" --depth {s.depth}" if s.depth is not None else "")
+    command = f"zipper {s.command}" + (
+        " --depth ${key}" if s.each == "depth" else f" --depth {s.depth}" if s.depth is not None else ""
+    )
     imported = imported_files(s, params).values()
     deps = [*(_dvc_path(r, s) for r in s.reads), *imported, *(f"zipper/{c}" for c in s.all_code)]
     committed = {_dvc_path(c, s) for c in COMMITTED}
@@ -60,16 +62,28 @@ def _stage_entry(s: Stage, params: Params) -> dict[str, Any]:
 def _plots(params: Params) -> list[dict[str, Any] | str]:
     """The accuracy and savings over depth, drawn by `dvc plots show` from the report's per-depth rows,
     and the report's own figures."""
+
     def plot(title: str, columns: list[str], y_label: str) -> dict[str, Any]:
-        return {title: {"template": "linear", "x": "depth", "y": {DEPTHS: columns},
-                        "x_label": "shared blocks (depth)", "y_label": y_label}}
+        return {
+            title: {
+                "template": "linear",
+                "x": "depth",
+                "y": {DEPTHS: columns},
+                "x_label": "shared blocks (depth)",
+                "y_label": y_label,
+            }
+        }
 
     tasks = params.tasks
-    return [plot("accuracy over depth", [*(f"acc_{t}" for t in tasks), *(f"teacher_{t}" for t in tasks)],
-                 "top-1 accuracy (%)"),
-            plot("savings over depth", ["speedup", "macs_ratio", "comp_params", "memory_comp"],
-                 "teachers / zipper (x)"),
-            *PLOTS]  # the report's figures, as image plots
+    return [
+        plot(
+            "accuracy over depth",
+            [*(f"acc_{t}" for t in tasks), *(f"teacher_{t}" for t in tasks)],
+            "top-1 accuracy (%)",
+        ),
+        plot("savings over depth", ["speedup", "macs_ratio", "comp_params", "memory_comp"], "teachers / zipper (x)"),
+        *PLOTS,
+    ]  # the report's figures, as image plots
 
 
 def render(params: Params) -> str:

@@ -1,5 +1,6 @@
 """Accuracy: top-1 of a model over batches, and per task of a multi-task net (each task on its own
 batches). Size, compute and speed live in `zipper.profiling`, runtime memory in `zipper.memory`."""
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -12,8 +13,11 @@ from .runtime import CPU, Runtime
 
 
 @torch.no_grad()
-def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
-             runtime: Runtime = CPU) -> float:
+def accuracy(
+    predict: Callable[[torch.Tensor], torch.Tensor],
+    batches: Iterable[tuple[torch.Tensor, torch.Tensor]],
+    runtime: Runtime = CPU,
+) -> float:
     """Top-1 accuracy in [0, 1] of `predict(x) -> logits` over (x, y) batches, computed on `runtime`'s
     device (where `predict`'s model must be)."""
     correct = total = 0
@@ -29,8 +33,12 @@ def accuracy(predict: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[
 
 # ---------------------------------------------------------------- per-task accuracy
 
-def evaluate_zipper(net: nn.Module, val_batches_by_task: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor]]],
-                    runtime: Runtime = CPU) -> dict[str, float]:
+
+def evaluate_zipper(
+    net: nn.Module,
+    val_batches_by_task: Mapping[str, Iterable[tuple[torch.Tensor, torch.Tensor]]],
+    runtime: Runtime = CPU,
+) -> dict[str, float]:
     """Per-task top-1 of a multi-task net (`net(x) -> {task: logits}`), each task on its own batches."""
     tasks = _task_names(net)
     unknown = [t for t in val_batches_by_task if tasks is not None and t not in tasks]

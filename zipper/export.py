@@ -1,5 +1,6 @@
 """`zipper export`: one calibrated depth as an ONNX graph (input `images`, one output per task), kept only
 once ONNX Runtime's outputs match PyTorch's on the same images."""
+
 from __future__ import annotations
 
 import logging
@@ -38,9 +39,16 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
         diff = {t: float(np.abs(got[t] - expected[t].numpy()).max()) for t in net.spec.task_names}
         worst = max(diff.values())
         if worst > TOLERANCE:
-            raise ValueError(f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by up to {worst:.2e} "
-                             f"(per task: {diff}); nothing written")
+            raise ValueError(
+                f"{checkpoint}: the ONNX graph's logits differ from PyTorch's by up to {worst:.2e} "
+                f"(per task: {diff}); nothing written"
+            )
     log.info("exported %s to %s (largest logit difference to PyTorch %.1e)", checkpoint, out, worst)
-    return {"checkpoint": str(checkpoint), "onnx": str(out.resolve()), "sha256": sha256_file(out),
-            "tasks": net.spec.task_names, "max_abs_diff": diff,
-            "input": {"name": "images", "shape": ["batch", 3, size, size], "normalised": "MEAN / STD of zipper.data"}}
+    return {
+        "checkpoint": str(checkpoint),
+        "onnx": str(out.resolve()),
+        "sha256": sha256_file(out),
+        "tasks": net.spec.task_names,
+        "max_abs_diff": diff,
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "normalised": "MEAN / STD of zipper.data"},
+    }

@@ -4,6 +4,7 @@ writes and uses (params keys, package code).
 dvc.yaml is rendered from it (`zipper dvc-yaml`, zipper/dvc_yaml.py) and the Prefect flow derives each
 task's cache key from it, so the two front ends cannot disagree about what a stage depends on.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -23,7 +24,8 @@ PARTIAL = "models/zip/depth_{depth}.partial.pt"  # mid-calibration state, remove
 METRICS = "metrics/depth_{depth}.json"
 REPORTS = "reports"
 TABLE, SUMMARY, DEPTHS, ACCURACY_PLOT, RATIOS_PLOT = (
-    f"{REPORTS}/{name}" for name in ("table.md", "summary.json", "depths.json", "accuracy.png", "ratios.png"))
+    f"{REPORTS}/{name}" for name in ("table.md", "summary.json", "depths.json", "accuracy.png", "ratios.png")
+)
 PLOTS = (ACCURACY_PLOT, RATIOS_PLOT)  # each also as .svg beside it
 REPORT_FILES = (TABLE, SUMMARY, DEPTHS, *PLOTS, *(p.replace(".png", ".svg") for p in PLOTS))
 MLFLOW_RUNS = f"{REPORTS}/mlflow.json"  # run ids of this machine's MLflow store: not committed
@@ -117,27 +119,95 @@ _MEASURE = (*_NETS, "profiling.py", "memory.py")
 _EVALUATE_PARAMS = ("evaluate", "teachers.input_size", "tasks")
 
 STAGES: tuple[Stage, ...] = (
-    Stage("data", "data", "task", reads=(), writes=(SHARDS,),
-          params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample", "teachers.input_size"), code=_DATA,
-          imports="data.tasks"),
-    Stage("teachers", "teachers", "task", reads=(SHARDS,), writes=(TEACHER,), shared=(TEACHER_METRICS,),
-          params=("teachers", "data.holdout", "tasks"), code=_NETS, imports="teachers.checkpoints"),
-    Stage("features", "features", "task", reads=(SHARDS, TEACHER), writes=(FEATURES,),
-          params=("features", "teachers.input_size"), code=_NETS),
-    Stage("zip0", "zip", "once", depth=0, reads=(TEACHER,), writes=(ZIPPED, CURVES),
-          params=("zipper.scope", "tasks"), code=_ZIP),
-    Stage("zip", "zip", "depth", reads=(PREV_ZIPPED, TEACHER, FEATURES, SHARDS), writes=(ZIPPED, CURVES),
-          params=("zipper.scope", "zipper.init", "zipper.align_batches", "calibrate", "teachers.input_size",
-                  "teachers.augment", "features.enabled", "data.holdout", "tasks"), code=_ZIP),
-    Stage("evaluate0", "evaluate", "once", depth=0, reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS),
-          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_MEASURE),
+    Stage(
+        "data",
+        "data",
+        "task",
+        reads=(),
+        writes=(SHARDS,),
+        params=("data.tasks.{task}", "data.maxcount", "data.on_bad_sample", "teachers.input_size"),
+        code=_DATA,
+        imports="data.tasks",
+    ),
+    Stage(
+        "teachers",
+        "teachers",
+        "task",
+        reads=(SHARDS,),
+        writes=(TEACHER,),
+        shared=(TEACHER_METRICS,),
+        params=("teachers", "data.holdout", "tasks"),
+        code=_NETS,
+        imports="teachers.checkpoints",
+    ),
+    Stage(
+        "features",
+        "features",
+        "task",
+        reads=(SHARDS, TEACHER),
+        writes=(FEATURES,),
+        params=("features", "teachers.input_size"),
+        code=_NETS,
+    ),
+    Stage(
+        "zip0",
+        "zip",
+        "once",
+        depth=0,
+        reads=(TEACHER,),
+        writes=(ZIPPED, CURVES),
+        params=("zipper.scope", "tasks"),
+        code=_ZIP,
+    ),
+    Stage(
+        "zip",
+        "zip",
+        "depth",
+        reads=(PREV_ZIPPED, TEACHER, FEATURES, SHARDS),
+        writes=(ZIPPED, CURVES),
+        params=(
+            "zipper.scope",
+            "zipper.init",
+            "zipper.align_batches",
+            "calibrate",
+            "teachers.input_size",
+            "teachers.augment",
+            "features.enabled",
+            "data.holdout",
+            "tasks",
+        ),
+        code=_ZIP,
+    ),
+    Stage(
+        "evaluate0",
+        "evaluate",
+        "once",
+        depth=0,
+        reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS),
+        writes=(METRICS,),
+        params=_EVALUATE_PARAMS,
+        code=_MEASURE,
+    ),
     # Deeper depths read the teachers' side (size, latency, memory), measured once at depth 0.
-    Stage("evaluate", "evaluate", "depth", reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS,
-                                                  METRICS.format(depth=0)),
-          writes=(METRICS,), params=_EVALUATE_PARAMS, code=_MEASURE),
+    Stage(
+        "evaluate",
+        "evaluate",
+        "depth",
+        reads=(ZIPPED, CURVES, TEACHER, TEACHER_METRICS, SHARDS, METRICS.format(depth=0)),
+        writes=(METRICS,),
+        params=_EVALUATE_PARAMS,
+        code=_MEASURE,
+    ),
     Stage("report", "report", "once", reads=(METRICS,), writes=REPORT_FILES, params=("tasks",), code=("report.py",)),
-    Stage("register", "register", "once", reads=(*REPORT_FILES, ZIPPED, CURVES, METRICS, f"{SHARDS}/manifest.json"),
-          writes=(MLFLOW_RUNS,), params=("*",), code=("tracking.py", "mlflow_model.py", "data", "models", "merge")),
+    Stage(
+        "register",
+        "register",
+        "once",
+        reads=(*REPORT_FILES, ZIPPED, CURVES, METRICS, f"{SHARDS}/manifest.json"),
+        writes=(MLFLOW_RUNS,),
+        params=("*",),
+        code=("tracking.py", "mlflow_model.py", "data", "models", "merge"),
+    ),
 )
 
 
@@ -160,8 +230,9 @@ class StageIO:
     shared: tuple[tuple[Path, str], ...] = ()  # (JSON file, the key this run adds to it)
 
 
-def _expand(templates: Iterable[str], layout: Layout, tasks: list[str], depths: list[int],
-            prev: int | None) -> tuple[Path, ...]:
+def _expand(
+    templates: Iterable[str], layout: Layout, tasks: list[str], depths: list[int], prev: int | None
+) -> tuple[Path, ...]:
     """Each template filled for every task and depth it names (in that order), duplicates dropped."""
     out: dict[Path, None] = {}
     for template in templates:
@@ -186,14 +257,17 @@ def imported_files(s: Stage, params) -> Mapping[str, str]:
     dataset that is not downloaded). Edit or replace one and the stage runs again."""
     if not s.imports:
         return {}
-    return {task: value["root"] if isinstance(value, Mapping) else value
-            for task, value in param_value(params, s.imports).items()
-            if not isinstance(value, Mapping) or _reads_local_folder(value)}
+    return {
+        task: value["root"] if isinstance(value, Mapping) else value
+        for task, value in param_value(params, s.imports).items()
+        if not isinstance(value, Mapping) or _reads_local_folder(value)
+    }
 
 
 def _reads_local_folder(source: Mapping[str, Any]) -> bool:
-    return source.get("source") == "imagefolder" or (source.get("source") == "torchvision"
-                                                     and not source.get("download", False))
+    return source.get("source") == "imagefolder" or (
+        source.get("source") == "torchvision" and not source.get("download", False)
+    )
 
 
 def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> StageIO:
@@ -214,5 +288,10 @@ def stage_io(s: Stage, params, layout: Layout, arg: str | int | None = None) -> 
     reads = _expand(s.reads, layout, tasks, run_depths, prev) + tuple(Path(imported[t]) for t in tasks if t in imported)
     keys = tuple(k.format(task=arg) if "{task}" in k else k for k in s.params)
     shared = tuple((layout.path(f), t) for f in s.shared for t in tasks)
-    return StageIO(reads=reads, writes=_expand(s.writes, layout, tasks, run_depths, prev), params=keys,
-                   code=s.all_code, shared=shared)
+    return StageIO(
+        reads=reads,
+        writes=_expand(s.writes, layout, tasks, run_depths, prev),
+        params=keys,
+        code=s.all_code,
+        shared=shared,
+    )

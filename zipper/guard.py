@@ -3,6 +3,7 @@
 A diverged run must fail with an error that says where and what to change, never end "successfully"
 and hand its weights to the next stage (or the model registry).
 """
+
 from __future__ import annotations
 
 import math
@@ -22,5 +23,7 @@ def check_loss(loss: float, first: float, *, where: str, hint: str) -> None:
     if not math.isfinite(loss):
         raise DivergedError(f"{where}: the loss is {loss}; {hint}")
     if math.isfinite(first) and first > 0 and loss > DIVERGENCE_FACTOR * first:
-        raise DivergedError(f"{where}: the loss exploded from {first:.4g} (first step) to {loss:.4g}, more than "
-                            f"{DIVERGENCE_FACTOR:g}x; {hint}")
+        raise DivergedError(
+            f"{where}: the loss exploded from {first:.4g} (first step) to {loss:.4g}, more than "
+            f"{DIVERGENCE_FACTOR:g}x; {hint}"
+        )

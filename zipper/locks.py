@@ -7,6 +7,7 @@
   (a flow evaluates depth k while it calibrates depth k+1, and evaluations overlap each other):
   training, feature caching and accuracy passes take the lock shared, measuring exclusive.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -48,8 +49,9 @@ def root_lock(root: str | os.PathLike, command: str) -> Iterator[None]:
         except BlockingIOError:
             f.seek(0)
             holder = f.read().strip() or "a process that has not written its name yet"
-            raise RootLocked(f"{Path(root).resolve()} is in use by {holder} (lock {path}); wait for it to "
-                             "finish or stop it") from None
+            raise RootLocked(
+                f"{Path(root).resolve()} is in use by {holder} (lock {path}); wait for it to finish or stop it"
+            ) from None
         f.truncate(0)
         f.write(f"pid {os.getpid()}: {command}\n")
         f.flush()

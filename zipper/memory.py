@@ -5,6 +5,7 @@ from a description (its architecture; random weights: memory does not depend on 
 the measuring process holds is counted. glibc's `mallopt` pins the allocator's thresholds so freed
 tensors leave the resident set.
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -68,8 +69,10 @@ def _described_input_size(desc: Sequence[Any]) -> int:
         return int(desc[4])
     if kind == "zipper" and len(desc) == 2 and isinstance(desc[1], Mapping):
         return int(desc[1].get("input_size", 224))
-    raise ValueError(f"unknown model description {kind!r}; expected ('teachers', arch, classes, width, input_size) "
-                     "or ('zipper', spec_dict)")
+    raise ValueError(
+        f"unknown model description {kind!r}; expected ('teachers', arch, classes, width, input_size) "
+        "or ('zipper', spec_dict)"
+    )
 
 
 def peak_memory(desc: ModelDesc, *, batch: int = 1, threads: int = 1, timeout: float = 300.0) -> int:

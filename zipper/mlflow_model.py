@@ -6,6 +6,7 @@ resized to the input size, centre crop, ImageNet mean / std), and returns one co
 predicted class name, or with `params={"output": "probabilities"}` the per-class probabilities (a list
 per row, in the order of the task's classes).
 """
+
 from __future__ import annotations
 
 import json

@@ -6,6 +6,7 @@ per-process mean losses, a step equals the one-process step on the global batch 
 summation order), running statistics included. torch's own SyncBatchNorm only runs on GPUs;
 this one runs wherever the process group does (gloo on CPU, nccl on CUDA).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager

@@ -1,6 +1,7 @@
 """Size, compute and speed of a zipped net against its teachers: parameters, the paper's conv-weight
 count, MACs, latency (interleaved, in-process) and, through `zipper.memory`, peak runtime memory.
 """
+
 from __future__ import annotations
 
 import gc
@@ -18,6 +19,7 @@ from .runtime import Runtime
 
 # ---------------------------------------------------------------- size and compute
 
+
 def count_params(model: nn.Module) -> int:
     """All parameters; a parameter shared by several modules counts once."""
     return sum(p.numel() for p in model.parameters())  # parameters() already drops duplicates
@@ -28,8 +30,11 @@ def count_conv_weights(model: nn.Module) -> int:
 
     No BatchNorm, no biases, no classifier (Linear) weights.
     """
-    weights = {id(m.weight): m.weight.numel() for m in model.modules()
-               if isinstance(m, nn.modules.conv._ConvNd) and m.weight is not None}
+    weights = {
+        id(m.weight): m.weight.numel()
+        for m in model.modules()
+        if isinstance(m, nn.modules.conv._ConvNd) and m.weight is not None
+    }
     return sum(weights.values())
 
 
@@ -51,8 +56,9 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int], batch: int =
         elif isinstance(module, nn.modules.conv._ConvNd):
             total += out.numel() * (module.in_channels // module.groups) * math.prod(module.kernel_size)
 
-    handles = [m.register_forward_hook(count) for m in model.modules()
-               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
+    handles = [
+        m.register_forward_hook(count) for m in model.modules() if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))
+    ]
     device = next(model.parameters()).device
     try:
         with torch.no_grad(), eval_mode(model):
@@ -65,8 +71,16 @@ def count_macs(model: nn.Module, input_size: int | tuple[int, int], batch: int =
 
 # ---------------------------------------------------------------- latency
 
-def latency_ratio(baseline_fns: Sequence[Callable[[torch.Tensor], Any]], candidate_fn: Callable[[torch.Tensor], Any],
-                  x: torch.Tensor, *, repeats: int = 50, warmup: int = 5, threads: int | None = 1) -> dict[str, Any]:
+
+def latency_ratio(
+    baseline_fns: Sequence[Callable[[torch.Tensor], Any]],
+    candidate_fn: Callable[[torch.Tensor], Any],
+    x: torch.Tensor,
+    *,
+    repeats: int = 50,
+    warmup: int = 5,
+    threads: int | None = 1,
+) -> dict[str, Any]:
     """Time the baseline (its functions one after another) against the candidate, interleaved.
 
     Each repetition times both, in alternating order (ABBA), so drift and a busy machine hit
@@ -113,31 +127,58 @@ def latency_ratio(baseline_fns: Sequence[Callable[[torch.Tensor], Any]], candida
     ratios = sorted(bi / ci for bi, ci in zip(b, c))
     q1, _, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
     cpu_b, cpu_c = statistics.median(cpu["baseline"]), statistics.median(cpu["candidate"])
-    return {"baseline_s": statistics.median(b), "candidate_s": statistics.median(c),
-            "speedup": statistics.median(b) / statistics.median(c), "speedup_paired": statistics.median(ratios),
-            "speedup_q1": q1, "speedup_q3": q3,
-            "baseline_cpu_s": cpu_b, "candidate_cpu_s": cpu_c, "speedup_cpu": cpu_b / cpu_c if cpu_c > 0 else None,
-            "repeats": repeats, "warmup": warmup, "threads": threads if threads is not None else old_threads}
+    return {
+        "baseline_s": statistics.median(b),
+        "candidate_s": statistics.median(c),
+        "speedup": statistics.median(b) / statistics.median(c),
+        "speedup_paired": statistics.median(ratios),
+        "speedup_q1": q1,
+        "speedup_q3": q3,
+        "baseline_cpu_s": cpu_b,
+        "candidate_cpu_s": cpu_c,
+        "speedup_cpu": cpu_b / cpu_c if cpu_c > 0 else None,
+        "repeats": repeats,
+        "warmup": warmup,
+        "threads": threads if threads is not None else old_threads,
+    }
 
 
 # ---------------------------------------------------------------- one depth, everything
 
-def teacher_stats(teachers: Mapping[str, nn.Module], *, input_size: int | None = None, batch: int = 1,
-                  threads: int = 1, memory: bool = True) -> dict[str, int]:
+
+def teacher_stats(
+    teachers: Mapping[str, nn.Module],
+    *,
+    input_size: int | None = None,
+    batch: int = 1,
+    threads: int = 1,
+    memory: bool = True,
+) -> dict[str, int]:
     """The teachers' side of every ratio (each teacher counted separately), computed once per pipeline."""
     size = input_size or _input_size(next(iter(teachers.values())))
-    stats = {"teacher_params": sum(count_params(m) for m in teachers.values()),
-             "teacher_conv_weights": sum(count_conv_weights(m) for m in teachers.values()),
-             "teacher_macs": sum(count_macs(m, size, batch) for m in teachers.values())}
+    stats = {
+        "teacher_params": sum(count_params(m) for m in teachers.values()),
+        "teacher_conv_weights": sum(count_conv_weights(m) for m in teachers.values()),
+        "teacher_macs": sum(count_macs(m, size, batch) for m in teachers.values()),
+    }
     if memory:
         mem = measure_memory(describe_teachers(teachers), batch=batch, threads=threads)
         stats.update(teacher_peak_bytes=mem["peak"], teacher_model_bytes=mem["model"])
     return stats
 
 
-def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: int | None = None, batch: int = 1,
-            repeats: int = 20, warmup: int = 3, threads: int | None = 1, memory: bool = True,
-            teachers_side: Mapping[str, int] | None = None) -> dict[str, Any]:
+def profile(
+    net: nn.Module,
+    teachers: Mapping[str, nn.Module],
+    *,
+    input_size: int | None = None,
+    batch: int = 1,
+    repeats: int = 20,
+    warmup: int = 3,
+    threads: int | None = 1,
+    memory: bool = True,
+    teachers_side: Mapping[str, int] | None = None,
+) -> dict[str, Any]:
     """Size, compute, speed and memory of a zipped `net` against its `teachers` run one after the other.
 
     Ratios are teachers / net (bigger is better): `comp_params` (all parameters), `comp_conv`
@@ -148,11 +189,19 @@ def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: in
     skips the child processes.
     """
     size = input_size or _input_size(net)
-    side = dict(teachers_side) if teachers_side is not None else teacher_stats(
-        teachers, input_size=size, batch=batch, threads=threads or 1, memory=memory)
+    side = (
+        dict(teachers_side)
+        if teachers_side is not None
+        else teacher_stats(teachers, input_size=size, batch=batch, threads=threads or 1, memory=memory)
+    )
     spec = getattr(net, "spec", None)
-    row: dict[str, Any] = {"depth": getattr(spec, "depth", None), "scope": getattr(spec, "scope", None),
-                           "input_size": size, "batch": batch, **side}
+    row: dict[str, Any] = {
+        "depth": getattr(spec, "depth", None),
+        "scope": getattr(spec, "scope", None),
+        "input_size": size,
+        "batch": batch,
+        **side,
+    }
     row["params"] = count_params(net)
     row["conv_weights"] = count_conv_weights(net)
     row["macs"] = count_macs(net, size, batch)
@@ -163,9 +212,17 @@ def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: in
     x = torch.randn(batch, 3, size, size)
     with eval_mode(net, *teachers.values()):
         lat = latency_ratio(list(teachers.values()), net, x, repeats=repeats, warmup=warmup, threads=threads)
-    row.update(latency_teachers_ms=lat["baseline_s"] * 1e3, latency_zipper_ms=lat["candidate_s"] * 1e3,
-               speedup=lat["speedup"], speedup_paired=lat["speedup_paired"], speedup_q1=lat["speedup_q1"],
-               speedup_q3=lat["speedup_q3"], speedup_cpu=lat["speedup_cpu"], repeats=repeats, threads=lat["threads"])
+    row.update(
+        latency_teachers_ms=lat["baseline_s"] * 1e3,
+        latency_zipper_ms=lat["candidate_s"] * 1e3,
+        speedup=lat["speedup"],
+        speedup_paired=lat["speedup_paired"],
+        speedup_q1=lat["speedup_q1"],
+        speedup_q3=lat["speedup_q3"],
+        speedup_cpu=lat["speedup_cpu"],
+        repeats=repeats,
+        threads=lat["threads"],
+    )
     if memory:
         if "teacher_peak_bytes" not in side:
             raise ValueError("teachers_side has no teacher_peak_bytes; compute it with teacher_stats(memory=True)")
@@ -174,8 +231,15 @@ def profile(net: nn.Module, teachers: Mapping[str, nn.Module], *, input_size: in
 
 
 @torch.no_grad()
-def throughput(net: nn.Module, teachers: Mapping[str, nn.Module], runtime: Runtime, *, batch: int = 256,
-               repeats: int = 20, input_size: int | None = None) -> dict[str, float | str]:
+def throughput(
+    net: nn.Module,
+    teachers: Mapping[str, nn.Module],
+    runtime: Runtime,
+    *,
+    batch: int = 256,
+    repeats: int = 20,
+    input_size: int | None = None,
+) -> dict[str, float | str]:
     """Images/s of `net` and of the teachers one after the other on an accelerator, at a batch
     that fills it (the serving case; CPU latency at batch 1 stays the deployment measure)."""
     size = input_size or _input_size(net)
@@ -196,9 +260,14 @@ def throughput(net: nn.Module, teachers: Mapping[str, nn.Module], runtime: Runti
     zipped, side = per_second(models[:1]), per_second(models[1:])
     for m in models:
         m.cpu()
-    return {"throughput_zipper": zipped, "throughput_teachers": side, "throughput_ratio": zipped / side,
-            "throughput_batch": batch, "throughput_device": str(runtime.device),
-            "throughput_precision": runtime.precision}
+    return {
+        "throughput_zipper": zipped,
+        "throughput_teachers": side,
+        "throughput_ratio": zipped / side,
+        "throughput_batch": batch,
+        "throughput_device": str(runtime.device),
+        "throughput_precision": runtime.precision,
+    }
 
 
 def _synchronize(runtime: Runtime) -> None:

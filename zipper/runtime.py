@@ -6,6 +6,7 @@ process (a concrete device, an autocast dtype, this process's rank). Library fun
 `Runtime` and default to `CPU`, today's single-process fp32 behaviour. Checkpoints never hold
 device tensors: `cpu_state` is what every writer saves.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -158,6 +159,7 @@ def per_task_threads(stage: str, params: Any, threads: int | None = None) -> dic
 
 
 # ------------------------------------------------------------------------- torch.distributed
+
 
 def distributed_rank_world() -> tuple[int, int]:
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -3,6 +3,7 @@
 A teacher file is one `torch.save`d dict (format "zipper.Teacher/1"): arch, num_classes, width,
 input_size, task, classes, val_acc, provenance and the state_dict, loadable with weights_only=True.
 """
+
 from __future__ import annotations
 
 import logging
@@ -39,11 +40,24 @@ def lr_at(step: int, steps: int, lr: float) -> float:
     return 0.5 * lr * (1 + math.cos(math.pi * (step - warm) / max(1, steps - warm)))
 
 
-def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, input_size: int, steps: int,
-                  batch_size: int, lr: float, weight_decay: float = 5e-4, momentum: float = 0.9, seed: int = 0,
-                  augment: bool = True, label_smoothing: float = 0.0, runtime: Runtime = CPU,
-                  on_step: Callable[[int, Backbone], None] | None = None,
-                  skip: Callable[[str], bool] | None = None) -> tuple[Backbone, float]:
+def train_teacher(
+    shard_dir: str | os.PathLike,
+    *,
+    arch: str,
+    width: float,
+    input_size: int,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    weight_decay: float = 5e-4,
+    momentum: float = 0.9,
+    seed: int = 0,
+    augment: bool = True,
+    label_smoothing: float = 0.0,
+    runtime: Runtime = CPU,
+    on_step: Callable[[int, Backbone], None] | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> tuple[Backbone, float]:
     """Train `arch` from scratch on the shards' train split (SGD + Nesterov, warm-up + cosine LR) on
     `runtime`'s device and precision; data-parallel under torch.distributed (`batch_size` is global).
     `on_step(steps_done, model)` runs after every step (as `calibrate`'s does); `skip(key)` leaves a
@@ -52,8 +66,9 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     Returns the model (eval mode, on the CPU) and its top-1 accuracy on the val split.
     """
     if steps < 1 or batch_size < 1 or lr <= 0:
-        raise ValueError("teacher training needs steps >= 1, batch_size >= 1, lr > 0 "
-                         f"(got {steps}, {batch_size}, {lr})")
+        raise ValueError(
+            f"teacher training needs steps >= 1, batch_size >= 1, lr > 0 (got {steps}, {batch_size}, {lr})"
+        )
     manifest = read_manifest(shard_dir)
     torch.manual_seed(seed)
     model = runtime.module(build_model(arch, len(manifest["classes"]), width=width, input_size=input_size))
@@ -61,16 +76,34 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
     no_decay: list[nn.Parameter] = []
     for name, p in model.named_parameters():  # no weight decay on BN and biases (standard for small nets)
         (no_decay if p.ndim <= 1 else decay).append(p)
-    opt = torch.optim.SGD([{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                          lr=lr, momentum=momentum, nesterov=momentum > 0)
+    opt = torch.optim.SGD(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=lr,
+        momentum=momentum,
+        nesterov=momentum > 0,
+    )
     scaler = runtime.grad_scaler()
-    batches = train_batches(shard_dir, input_size=input_size, batch_size=batch_size, augment=augment, seed=seed,
-                            num_workers=runtime.num_workers, rank=runtime.rank, world_size=runtime.world_size,
-                            pin_memory=runtime.pin_memory, skip=skip)
+    batches = train_batches(
+        shard_dir,
+        input_size=input_size,
+        batch_size=batch_size,
+        augment=augment,
+        seed=seed,
+        num_workers=runtime.num_workers,
+        rank=runtime.rank,
+        world_size=runtime.world_size,
+        pin_memory=runtime.pin_memory,
+        skip=skip,
+    )
     model.train()
     t0 = time.perf_counter()
-    bar = tqdm(range(steps), desc=f"teacher {manifest['task']}", unit="step", mininterval=5,
-               disable=None if runtime.is_main else True)
+    bar = tqdm(
+        range(steps),
+        desc=f"teacher {manifest['task']}",
+        unit="step",
+        mininterval=5,
+        disable=None if runtime.is_main else True,
+    )
     first = math.nan  # the first step's loss: the divergence check's reference
     with data_parallel(model, runtime) as forward:
         for step in bar:
@@ -83,8 +116,12 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
             if step % LOSS_CHECK_EVERY == 0 or step == steps - 1:
                 value = mean_over_processes([loss.item()], runtime)[0]  # every process stops together
                 first = value if step == 0 else first
-                check_loss(value, first, where=f"teacher {manifest['task']}, step {step}",
-                           hint="lower teachers.lr (or add teachers.steps for a longer warm-up)")
+                check_loss(
+                    value,
+                    first,
+                    where=f"teacher {manifest['task']}, step {step}",
+                    hint="lower teachers.lr (or add teachers.steps for a longer warm-up)",
+                )
             opt.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
             scaler.step(opt)
@@ -94,24 +131,53 @@ def train_teacher(shard_dir: str | os.PathLike, *, arch: str, width: float, inpu
             if on_step is not None:
                 on_step(step + 1, model)
     model.eval()
-    val = val_batches(shard_dir, input_size=input_size, batch_size=max(batch_size, 128), world_size=1,
-                      num_workers=runtime.num_workers, pin_memory=runtime.pin_memory)
+    val = val_batches(
+        shard_dir,
+        input_size=input_size,
+        batch_size=max(batch_size, 128),
+        world_size=1,
+        num_workers=runtime.num_workers,
+        pin_memory=runtime.pin_memory,
+    )
     acc = accuracy(model, val, runtime)
-    log.info("teacher %s: %d steps in %.0f s on %s, val accuracy %.2f%%", manifest["task"], steps,
-             time.perf_counter() - t0, runtime.describe(), 100 * acc)
+    log.info(
+        "teacher %s: %d steps in %.0f s on %s, val accuracy %.2f%%",
+        manifest["task"],
+        steps,
+        time.perf_counter() - t0,
+        runtime.describe(),
+        100 * acc,
+    )
     return model.cpu(), acc
 
 
-def save_teacher(model: Backbone, path: str | os.PathLike, *, task: str, classes: list[str], val_acc: float,
-                 provenance: Mapping[str, Any]) -> None:
+def save_teacher(
+    model: Backbone,
+    path: str | os.PathLike,
+    *,
+    task: str,
+    classes: list[str],
+    val_acc: float,
+    provenance: Mapping[str, Any],
+) -> None:
     """Write the teacher as one atomic file (format "zipper.Teacher/1")."""
     if len(classes) != model.num_classes:
         raise ValueError(f"teacher {task!r}: {len(classes)} class names for a model with {model.num_classes} classes")
-    save_torch({
-        "format": FORMAT, "arch": model.arch, "num_classes": model.num_classes, "width": float(model.width),
-        "input_size": int(model.input_size), "task": task, "classes": list(classes), "val_acc": float(val_acc),
-        "provenance": dict(provenance), "state_dict": cpu_state(model),
-    }, path)
+    save_torch(
+        {
+            "format": FORMAT,
+            "arch": model.arch,
+            "num_classes": model.num_classes,
+            "width": float(model.width),
+            "input_size": int(model.input_size),
+            "task": task,
+            "classes": list(classes),
+            "val_acc": float(val_acc),
+            "provenance": dict(provenance),
+            "state_dict": cpu_state(model),
+        },
+        path,
+    )
 
 
 def load_teacher(path: str | os.PathLike) -> tuple[Backbone, dict[str, Any]]:
@@ -152,8 +218,10 @@ def _find_state_dict(obj: Any, where: str) -> dict[str, torch.Tensor]:
                 return _find_state_dict(obj[key], where)
         if obj and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()):
             return obj
-    raise ValueError(f"{where}: no state_dict found (expected a state_dict, or a dict with 'state_dict' or 'model'; "
-                     "save a model with torch.save(model.state_dict(), path))")
+    raise ValueError(
+        f"{where}: no state_dict found (expected a state_dict, or a dict with 'state_dict' or 'model'; "
+        "save a model with torch.save(model.state_dict(), path))"
+    )
 
 
 def classifier_name(model: nn.Module) -> str:
@@ -167,19 +235,26 @@ def _load_checked(model: Backbone, state: Mapping[str, torch.Tensor], where: str
     head = classifier_name(model)
     missing = [k for k in own if k not in state]
     if missing:
-        raise ValueError(f"{where}: layer {missing[0].rsplit('.', 1)[0]!r} missing from the checkpoint "
-                         f"({len(missing)} keys missing, e.g. {missing[0]!r}; is it a {model.arch} checkpoint?)")
+        raise ValueError(
+            f"{where}: layer {missing[0].rsplit('.', 1)[0]!r} missing from the checkpoint "
+            f"({len(missing)} keys missing, e.g. {missing[0]!r}; is it a {model.arch} checkpoint?)"
+        )
     unexpected = [k for k in state if k not in own]
     if unexpected:
-        raise ValueError(f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} keys) for {model.arch} "
-                         f"width {model.width}")
+        raise ValueError(
+            f"{where}: unexpected key {unexpected[0]!r} ({len(unexpected)} keys) for {model.arch} width {model.width}"
+        )
     for k, v in own.items():
         if tuple(state[k].shape) != tuple(v.shape):
             layer = k.rsplit(".", 1)[0]
             if layer == head:
                 got = state[k].shape[0]
-                raise ValueError(f"{where}: classifier {layer!r} has {got} classes, the task has {model.num_classes} "
-                                 f"(shape {tuple(state[k].shape)} vs {tuple(v.shape)})")
-            raise ValueError(f"{where}: layer {layer!r} shape {tuple(state[k].shape)} does not match {model.arch} "
-                             f"width {model.width} ({tuple(v.shape)}) in {k!r}")
+                raise ValueError(
+                    f"{where}: classifier {layer!r} has {got} classes, the task has {model.num_classes} "
+                    f"(shape {tuple(state[k].shape)} vs {tuple(v.shape)})"
+                )
+            raise ValueError(
+                f"{where}: layer {layer!r} shape {tuple(state[k].shape)} does not match {model.arch} "
+                f"width {model.width} ({tuple(v.shape)}) in {k!r}"
+            )
     model.load_state_dict(state, strict=True)

@@ -2,6 +2,7 @@
 
 Promotion uses aliases (`champion`), never the deprecated stages.
 """
+
 from __future__ import annotations
 
 import fcntl
@@ -108,11 +109,17 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
     fail_interrupted_runs(client, experiment.experiment_id, root)
     name = params.tracking.registered_model
     classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
-    summary: dict[str, Any] = {"tracking_uri": redacted(params.tracking.tracking_uri(root)), "registered_model": name,
-                               "depths": {}}
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_name=f"zipper {'+'.join(params.tasks)}",
-                                                                tags={ROOT_TAG: str(root), **_made_by(params, root)}
-                                                                ) as parent:
+    summary: dict[str, Any] = {
+        "tracking_uri": redacted(params.tracking.tracking_uri(root)),
+        "registered_model": name,
+        "depths": {},
+    }
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        mlflow.start_run(
+            run_name=f"zipper {'+'.join(params.tasks)}", tags={ROOT_TAG: str(root), **_made_by(params, root)}
+        ) as parent,
+    ):
         summary["parent_run_id"] = parent.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(asdict(params)).items()})
         mlflow.log_metrics({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()})
@@ -125,26 +132,42 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
         for row in rows:
             depth = row["depth"]
             with mlflow.start_run(run_name=f"depth {depth}", nested=True) as run:
-                mlflow.log_params({"depth": depth, "scope": row["scope"], "init": row["init"],
-                                   "targets": row["targets"]})
+                mlflow.log_params(
+                    {"depth": depth, "scope": row["scope"], "init": row["init"], "targets": row["targets"]}
+                )
                 mlflow.log_metrics({k: float(v) for k, v in _depth_metrics(row).items() if v is not None})
                 curves = json.loads(layout.curves(depth).read_text())
-                metrics = [Metric(key, float(v), 0, step) for key in ("loss", "ce", "distill", "lr")
-                           for step, v in enumerate(curves[key])]
-                metrics += [Metric(f"holdout_drop_pp_{t}", float(d), 0, c["step"])
-                            for c in curves.get("checks", []) for t, d in c["drop_pp"].items()]
+                metrics = [
+                    Metric(key, float(v), 0, step)
+                    for key in ("loss", "ce", "distill", "lr")
+                    for step, v in enumerate(curves[key])
+                ]
+                metrics += [
+                    Metric(f"holdout_drop_pp_{t}", float(d), 0, c["step"])
+                    for c in curves.get("checks", [])
+                    for t, d in c["drop_pp"].items()
+                ]
                 for i in range(0, len(metrics), 1000):
-                    client.log_batch(run.info.run_id, metrics=metrics[i:i + 1000])
+                    client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
                 mlflow.log_artifact(str(layout.curves(depth)), artifact_path="calibration")
                 info = mlflow.pyfunc.log_model(
-                    name="model", python_model=str(MODEL_CODE), registered_model_name=name,
+                    name="model",
+                    python_model=str(MODEL_CODE),
+                    registered_model_name=name,
                     artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes_path)},
                     pip_requirements=["torch", "torchvision", "numpy", "pandas", "pillow"],
-                    signature=signature, input_example=example)
+                    signature=signature,
+                    input_example=example,
+                )
                 version = str(info.registered_model_version)
-                tags = {"depth": depth, "scope": row["scope"], "init": row["init"],
-                        "max_drop_pp": f"{row['max_drop_pp']:.4f}", "pipeline_run": parent.info.run_id,
-                        **{f"acc_{t}": f"{a:.4f}" for t, a in row["acc"].items()}}
+                tags = {
+                    "depth": depth,
+                    "scope": row["scope"],
+                    "init": row["init"],
+                    "max_drop_pp": f"{row['max_drop_pp']:.4f}",
+                    "pipeline_run": parent.info.run_id,
+                    **{f"acc_{t}": f"{a:.4f}" for t, a in row["acc"].items()},
+                }
                 for k, v in tags.items():
                     client.set_model_version_tag(name, version, k, str(v))
                 summary["depths"][str(depth)] = {"run_id": run.info.run_id, "version": version}
@@ -159,9 +182,11 @@ def _signature(tasks: Sequence[str]):
     from mlflow.models import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
 
-    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-                          outputs=Schema([ColSpec("string", t) for t in tasks]),
-                          params=ParamSchema([ParamSpec("output", "string", "labels")]))
+    return ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
+        outputs=Schema([ColSpec("string", t) for t in tasks]),
+        params=ParamSchema([ParamSpec("output", "string", "labels")]),
+    )
 
 
 def _input_example(size: int):
@@ -177,8 +202,9 @@ def fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
 
     running = "attributes.status = 'RUNNING'"
     for parent in client.search_runs([experiment_id], f"tags.`{ROOT_TAG}` = '{root}' and {running}"):
-        children = client.search_runs([experiment_id],
-                                      f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}")
+        children = client.search_runs(
+            [experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}' and {running}"
+        )
         for run in [*children, parent]:
             client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
         log.warning("MLflow run %s (a pipeline run of %s) was interrupted; marked FAILED", parent.info.run_id, root)
@@ -188,6 +214,7 @@ def _made_by(params: Params, root: Path) -> dict[str, str]:
     """Tags that link a pipeline run to what made it: the project's git commit and whether its tracked files
     had changes, the params' hash, and the DVC experiment or Prefect flow run that ran it, if any."""
     tags = {"zipper.params_sha256": sha256_json(asdict(params))}
+
     def git(*args: str) -> subprocess.CompletedProcess:
         return subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True)
 
@@ -208,15 +235,28 @@ def _made_by(params: Params, root: Path) -> dict[str, str]:
 
 
 def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
-    m = {k: row.get(k) for k in ("comp_conv", "comp_params", "macs_ratio", "speedup", "memory_comp", "max_drop_pp",
-                                 "final_loss", "steps", "steps_to_recover")}
+    m = {
+        k: row.get(k)
+        for k in (
+            "comp_conv",
+            "comp_params",
+            "macs_ratio",
+            "speedup",
+            "memory_comp",
+            "max_drop_pp",
+            "final_loss",
+            "steps",
+            "steps_to_recover",
+        )
+    }
     m.update({f"acc_{t}": a for t, a in row["acc"].items()})
     m.update({f"drop_pp_{t}": d for t, d in row["drop_pp"].items()})
     return m
 
 
-def promote(params: Params, root: str | Path, *, max_drop: float | None = None,
-            depth: int | None = None) -> dict[str, Any]:
+def promote(
+    params: Params, root: str | Path, *, max_drop: float | None = None, depth: int | None = None
+) -> dict[str, Any]:
     """Put alias `champion` on the chosen depth of the latest pipeline run's versions.
 
     `max_drop` (percentage points): the deepest depth whose worst per-task drop is within budget.
@@ -227,30 +267,50 @@ def promote(params: Params, root: str | Path, *, max_drop: float | None = None,
     name = params.tracking.registered_model
     versions = client.search_model_versions(f"name='{name}'")
     if not versions:
-        raise ValueError(f"registered model {name!r} has no versions at "
-                         f"{redacted(params.tracking.tracking_uri(root))}; "
-                         "run the pipeline (register stage) first")
+        raise ValueError(
+            f"registered model {name!r} has no versions at "
+            f"{redacted(params.tracking.tracking_uri(root))}; "
+            "run the pipeline (register stage) first"
+        )
     latest = _latest_complete_pipeline_run(client, versions)
-    candidates = sorted((v for v in versions if v.tags.get("pipeline_run") == latest),
-                        key=lambda v: int(v.tags["depth"]))
+    candidates = sorted(
+        (v for v in versions if v.tags.get("pipeline_run") == latest), key=lambda v: int(v.tags["depth"])
+    )
     if depth is not None:
         chosen = [v for v in candidates if int(v.tags["depth"]) == depth]
         if not chosen:
-            raise ValueError(f"no version of {name!r} with depth {depth}; "
-                             f"depths: {[int(v.tags['depth']) for v in candidates]}")
+            raise ValueError(
+                f"no version of {name!r} with depth {depth}; depths: {[int(v.tags['depth']) for v in candidates]}"
+            )
     else:
         assert max_drop is not None  # checked above: exactly one of depth and max_drop
         chosen = [v for v in candidates if float(v.tags["max_drop_pp"]) <= max_drop]
         if not chosen:
             best = min(candidates, key=lambda v: float(v.tags["max_drop_pp"]))
-            raise ValueError(f"no depth meets --max-drop {max_drop}: the smallest worst-task drop is "
-                             f"{float(best.tags['max_drop_pp']):.2f} points (depth {best.tags['depth']})")
+            raise ValueError(
+                f"no depth meets --max-drop {max_drop}: the smallest worst-task drop is "
+                f"{float(best.tags['max_drop_pp']):.2f} points (depth {best.tags['depth']})"
+            )
     pick = chosen[-1]
     client.set_registered_model_alias(name, ALIAS, pick.version)
-    result = {"name": name, "alias": ALIAS, "version": pick.version, "depth": int(pick.tags["depth"]),
-              "max_drop_pp": float(pick.tags["max_drop_pp"]), "uri": f"models:/{name}@{ALIAS}", "pipeline_run": latest}
-    log.info("promoted %s version %s (depth %d, worst drop %.2f pp) of pipeline run %s as @%s", name, pick.version,
-             result["depth"], result["max_drop_pp"], latest, ALIAS)
+    result = {
+        "name": name,
+        "alias": ALIAS,
+        "version": pick.version,
+        "depth": int(pick.tags["depth"]),
+        "max_drop_pp": float(pick.tags["max_drop_pp"]),
+        "uri": f"models:/{name}@{ALIAS}",
+        "pipeline_run": latest,
+    }
+    log.info(
+        "promoted %s version %s (depth %d, worst drop %.2f pp) of pipeline run %s as @%s",
+        name,
+        pick.version,
+        result["depth"],
+        result["max_drop_pp"],
+        latest,
+        ALIAS,
+    )
     return result
 
 
@@ -263,8 +323,10 @@ def download_champion(params: Params, root: str | Path, dst: str | Path) -> tupl
     try:
         version = client.get_model_version_by_alias(name, ALIAS)
     except mlflow.exceptions.MlflowException:
-        raise ValueError(f"registered model {name!r} has no @{ALIAS} version yet: run `zipper promote` "
-                         "first, or name a depth (--depth K)") from None
+        raise ValueError(
+            f"registered model {name!r} has no @{ALIAS} version yet: run `zipper promote` "
+            "first, or name a depth (--depth K)"
+        ) from None
     model = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{name}@{ALIAS}", dst_path=str(dst)))
     return int(version.tags["depth"]), next(model.glob("artifacts/*.pt"))
 

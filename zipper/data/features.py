@@ -16,6 +16,7 @@ Preprocessing is fixed (resize to input_size, normalise, no augmentation): augme
 needs online targets. The manifest records the teacher checkpoint's sha256, the shards' manifest
 sha256, input size, tap names / shapes and total bytes; `cache_matches` compares them.
 """
+
 from __future__ import annotations
 
 import functools
@@ -96,9 +97,19 @@ def _tar_bytes(size: int) -> int:
 
 
 @torch.no_grad()
-def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir: str | os.PathLike, *, input_size: int,
-                        batch_size: int, budget_mb: float, teacher_sha256: str, maxcount: int = 1000,
-                        split: str = "train", runtime: Runtime = CPU) -> Path:
+def write_feature_cache(
+    teacher: Backbone,
+    shard_dir: str | os.PathLike,
+    out_dir: str | os.PathLike,
+    *,
+    input_size: int,
+    batch_size: int,
+    budget_mb: float,
+    teacher_sha256: str,
+    maxcount: int = 1000,
+    split: str = "train",
+    runtime: Runtime = CPU,
+) -> Path:
     """Run the frozen `teacher` (eval mode, fixed preprocessing) once over `split` of `shard_dir` and
     store per sample its image, label, logits and every pointwise tap (fp16) under `out_dir`.
 
@@ -120,17 +131,25 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
         png_bytes = sum(s["bytes"] for s in info["shards"]) / info["count"]  # includes the shard's tar overhead
         sizes = [int(np.prod(s)) for s in shapes.values()]
         offsets = np.concatenate([[0], np.cumsum(sizes)]).tolist()
-        per_sample = (png_bytes + _tar_bytes(1) + _tar_bytes(NPY_HEADER + 4 * logits.shape[1])
-                      + _tar_bytes(NPY_HEADER + 2 * offsets[-1]))
+        per_sample = (
+            png_bytes
+            + _tar_bytes(1)
+            + _tar_bytes(NPY_HEADER + 4 * logits.shape[1])
+            + _tar_bytes(NPY_HEADER + 2 * offsets[-1])
+        )
         total_mb = per_sample * info["count"] / 2**20
-        msg = (f"feature cache {m['task']}: {info['count']} samples x {per_sample / 1024:.1f} KiB = {total_mb:.1f} MiB "
-               f"({len(taps)} taps, fp16) into {out_dir}; budget {BUDGET_SETTING} = {budget_mb:g} MiB")
+        msg = (
+            f"feature cache {m['task']}: {info['count']} samples x {per_sample / 1024:.1f} KiB = {total_mb:.1f} MiB "
+            f"({len(taps)} taps, fp16) into {out_dir}; budget {BUDGET_SETTING} = {budget_mb:g} MiB"
+        )
         print(msg, flush=True)
         log.info(msg)
         if total_mb > budget_mb:
-            raise OverBudget(f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, "
-                             f"over the budget of {budget_mb:g} MiB; "
-                             f"raise {BUDGET_SETTING} (or calibrate with online teacher targets)")
+            raise OverBudget(
+                f"feature cache for {m['task']!r} needs {total_mb:.1f} MiB, "
+                f"over the budget of {budget_mb:g} MiB; "
+                f"raise {BUDGET_SETTING} (or calibrate with online teacher targets)"
+            )
         with atomic_dir(out_dir, (FORMAT,)) as tmp:
             sink = ShardSink(tmp, split, maxcount)
             prep = Prepare(input_size)
@@ -146,12 +165,24 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
                     raise ValueError(f"teacher tap {bad!r} overflows float16 in the batch from {pending[0]['__key__']}")
                 lg = out.float().cpu().numpy()
                 for i, s in enumerate(pending):
-                    sink.write({"__key__": s["__key__"], "png": s["png"], "cls": s["cls"],
-                                "logits.npy": _npy(lg[i]), "taps.npy": _npy(flat[i])})
+                    sink.write(
+                        {
+                            "__key__": s["__key__"],
+                            "png": s["png"],
+                            "cls": s["cls"],
+                            "logits.npy": _npy(lg[i]),
+                            "taps.npy": _npy(flat[i]),
+                        }
+                    )
                 pending.clear()
 
-            for sample in tqdm(iter_samples(shard_dir, split, manifest=m), total=info["count"],
-                               desc=f"features {m['task']}", unit="img", mininterval=5):
+            for sample in tqdm(
+                iter_samples(shard_dir, split, manifest=m),
+                total=info["count"],
+                desc=f"features {m['task']}",
+                unit="img",
+                mininterval=5,
+            ):
                 pending.append(sample)
                 if len(pending) == batch_size:
                     flush()
@@ -159,11 +190,19 @@ def write_feature_cache(teacher: Backbone, shard_dir: str | os.PathLike, out_dir
                 flush()
             shards = sink.close()
             manifest = {
-                "format": FORMAT, "task": m["task"], "classes": m["classes"], "split": split,
-                "teacher_sha256": teacher_sha256, "shards_manifest_sha256": sha256_file(shard_dir / MANIFEST),
-                "input_size": int(input_size), "num_classes": int(teacher.num_classes), "taps": taps,
-                "tap_shapes": shapes, "tap_offsets": offsets[:-1],
-                "count": sum(s["count"] for s in shards), "total_bytes": sum(s["bytes"] for s in shards),
+                "format": FORMAT,
+                "task": m["task"],
+                "classes": m["classes"],
+                "split": split,
+                "teacher_sha256": teacher_sha256,
+                "shards_manifest_sha256": sha256_file(shard_dir / MANIFEST),
+                "input_size": int(input_size),
+                "num_classes": int(teacher.num_classes),
+                "taps": taps,
+                "tap_shapes": shapes,
+                "tap_offsets": offsets[:-1],
+                "count": sum(s["count"] for s in shards),
+                "total_bytes": sum(s["bytes"] for s in shards),
                 "shards": shards,
             }
             write_json(tmp / MANIFEST, manifest)
@@ -177,8 +216,12 @@ def read_cache_manifest(cache_dir: str | os.PathLike, *, verify: bool = False) -
     (and sha256 when `verify`). Errors name the file."""
     cache_dir = Path(cache_dir)
     path = cache_dir / MANIFEST
-    m = load_manifest(path, FORMAT, ("teacher_sha256", "input_size", "taps", "tap_shapes", "tap_offsets", "shards",
-                                     "count"), missing="feature cache manifest not found")
+    m = load_manifest(
+        path,
+        FORMAT,
+        ("teacher_sha256", "input_size", "taps", "tap_shapes", "tap_offsets", "shards", "count"),
+        missing="feature cache manifest not found",
+    )
     if not m["shards"]:
         raise ValueError(f"{path}: no shards")
     for shard in m["shards"]:
@@ -186,8 +229,13 @@ def read_cache_manifest(cache_dir: str | os.PathLike, *, verify: bool = False) -
     return m
 
 
-def cache_matches(cache_dir: str | os.PathLike, teacher_sha256: str, *, shard_dir: str | os.PathLike | None = None,
-                  input_size: int | None = None) -> bool:
+def cache_matches(
+    cache_dir: str | os.PathLike,
+    teacher_sha256: str,
+    *,
+    shard_dir: str | os.PathLike | None = None,
+    input_size: int | None = None,
+) -> bool:
     """True when `cache_dir` holds a complete cache made by the teacher with this checkpoint sha256
     (and, when given, from these shards and at this input size)."""
     try:
@@ -222,26 +270,41 @@ class _Collate:
     def __init__(self, taps: list[str], shapes: Mapping[str, list[int]], offsets: list[int]) -> None:
         self.layout = [(t, off, list(shapes[t])) for t, off in zip(taps, offsets)]
 
-    def __call__(self, samples: list[tuple]
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+    def __call__(
+        self, samples: list[tuple]
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
         imgs, labels, logits, flat = zip(*samples)
         n = len(samples)
         taps = torch.from_numpy(np.stack(flat)).float()  # (N, sum of C*H*W)
-        feats = {t: taps[:, off:off + int(np.prod(shape))].view(n, *shape) for t, off, shape in self.layout}
-        return (normalise(np.stack(imgs)), torch.tensor(labels, dtype=torch.int64),
-                torch.from_numpy(np.stack(logits)).float(), feats)
+        feats = {t: taps[:, off : off + int(np.prod(shape))].view(n, *shape) for t, off, shape in self.layout}
+        return (
+            normalise(np.stack(imgs)),
+            torch.tensor(labels, dtype=torch.int64),
+            torch.from_numpy(np.stack(logits)).float(),
+            feats,
+        )
 
 
 def split_taps(flat: np.ndarray, manifest: Mapping[str, Any]) -> dict[str, np.ndarray]:
     """One sample's flat taps array -> {tap name: (C, H, W) array} using the cache manifest's layout."""
-    return {t: flat[off:off + int(np.prod(manifest["tap_shapes"][t]))].reshape(manifest["tap_shapes"][t])
-            for t, off in zip(manifest["taps"], manifest["tap_offsets"])}
+    return {
+        t: flat[off : off + int(np.prod(manifest["tap_shapes"][t]))].reshape(manifest["tap_shapes"][t])
+        for t, off in zip(manifest["taps"], manifest["tap_offsets"])
+    }
 
 
-def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, input_size: int, num_workers: int = 0,
-                   rank: int = 0, world_size: int = 1, pin_memory: bool = False,
-                   skip: Callable[[str], bool] | None = None
-                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+def cached_batches(
+    cache_dir: str | os.PathLike,
+    *,
+    batch_size: int,
+    seed: int,
+    input_size: int,
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
     """Endless shuffled stream of (x, y, teacher logits, {tap: teacher feature}) from a cache.
 
     The same stream as `train_batches` (`shards.EpochStream`): epochs of the cache dealt to
@@ -251,16 +314,27 @@ def cached_batches(cache_dir: str | os.PathLike, *, batch_size: int, seed: int, 
     """
     m = read_cache_manifest(cache_dir)
     if m["input_size"] != input_size:
-        raise ValueError(f"{Path(cache_dir) / MANIFEST}: cache made at input_size {m['input_size']}, "
-                         f"asked for {input_size}")
+        raise ValueError(
+            f"{Path(cache_dir) / MANIFEST}: cache made at input_size {m['input_size']}, asked for {input_size}"
+        )
     urls = [str(_named_path(Path(cache_dir), s)) for s in m["shards"]]
     # The shuffle buffers (one per worker) hold raw samples (image + every tap): bound their memory,
     # not just their length.
     per_sample = m["total_bytes"] / m["count"]
     buffer = int(min(SHUFFLE_BUFFER, max(64, SHUFFLE_MEMORY / max(1, num_workers) / per_sample)))
-    return epoch_stream(urls, _Decode(input_size), _Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]), seed=seed,
-                        batch_size=batch_size, rank=rank, world_size=world_size, num_workers=num_workers,
-                        pin_memory=pin_memory, shuffle_buffer=buffer, skip=skip)
+    return epoch_stream(
+        urls,
+        _Decode(input_size),
+        _Collate(m["taps"], m["tap_shapes"], m["tap_offsets"]),
+        seed=seed,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        shuffle_buffer=buffer,
+        skip=skip,
+    )
 
 
 def iter_cache(cache_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
@@ -270,5 +344,10 @@ def iter_cache(cache_dir: str | os.PathLike) -> Iterator[dict[str, Any]]:
     prep = Prepare(m["input_size"])
     for s in wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples()):
         img, label = prep(s)
-        yield {"key": s["__key__"], "image": img, "label": label, "logits": _load_npy(s["logits.npy"]),
-               "taps": split_taps(_load_npy(s["taps.npy"]), m)}
+        yield {
+            "key": s["__key__"],
+            "image": img,
+            "label": label,
+            "logits": _load_npy(s["logits.npy"]),
+            "taps": split_taps(_load_npy(s["taps.npy"]), m),
+        }

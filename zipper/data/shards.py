@@ -28,6 +28,7 @@ Streams:
   the shard), never from rank or worker. Same seed, num_workers and world_size: the same stream.
 - validation (`val_batches`): every shard once in manifest order, divided over ranks and workers.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -82,6 +83,7 @@ _KEY = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's rule: key = pa
 
 # --- writing -------------------------------------------------------------------------------------
 
+
 def encode_png(img: Image.Image) -> bytes:
     buf = io.BytesIO()
     img.save(buf, format="PNG", compress_level=PNG_LEVEL)
@@ -113,8 +115,10 @@ def atomic_dir(out_dir: str | os.PathLike, formats: tuple[str, ...]) -> Iterator
             except (OSError, ValueError, AttributeError):
                 pass
             if fmt not in formats:
-                raise ValueError(f"output {out_dir} exists and is not a {' / '.join(formats)} directory; "
-                                 "refusing to replace it (remove it or choose another path)")
+                raise ValueError(
+                    f"output {out_dir} exists and is not a {' / '.join(formats)} directory; "
+                    "refusing to replace it (remove it or choose another path)"
+                )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
@@ -167,8 +171,14 @@ class ShardSink:
         return self.shards
 
 
-def write_shards(source: Mapping[str, Any], task: str, out_dir: str | os.PathLike, *, maxcount: int = 1000,
-                 on_bad_sample: str = "error") -> Path:
+def write_shards(
+    source: Mapping[str, Any],
+    task: str,
+    out_dir: str | os.PathLike,
+    *,
+    maxcount: int = 1000,
+    on_bad_sample: str = "error",
+) -> Path:
     """Materialise `task`'s train and val splits from `source` as WebDataset shards + manifest.json.
 
     `source` is the params.yaml mapping (see `zipper.data.sources`). `on_bad_sample`: "error" raises
@@ -187,18 +197,28 @@ def write_shards(source: Mapping[str, Any], task: str, out_dir: str | os.PathLik
     data = load_source(source)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, (FORMAT,)) as tmp:
-        splits = {split: _write_split(data.splits[split], data.classes, split, tmp, task, maxcount, on_bad_sample)
-                  for split in SPLITS}
-        manifest = {"format": FORMAT, "task": task, "classes": data.classes, "hflip": data.hflip,
-                    "source": _jsonable(data.info), "splits": splits}
+        splits = {
+            split: _write_split(data.splits[split], data.classes, split, tmp, task, maxcount, on_bad_sample)
+            for split in SPLITS
+        }
+        manifest = {
+            "format": FORMAT,
+            "task": task,
+            "classes": data.classes,
+            "hflip": data.hflip,
+            "source": _jsonable(data.info),
+            "splits": splits,
+        }
         write_json(tmp / MANIFEST, manifest)
-    log.info("%s: wrote %s", task,
-             ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in splits.items()))
+    log.info(
+        "%s: wrote %s", task, ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards" for s, v in splits.items())
+    )
     return out_dir / MANIFEST
 
 
-def _write_split(samples: list, classes: list[str], split: str, tmp: Path, task: str, maxcount: int,
-                 on_bad_sample: str) -> dict[str, Any]:
+def _write_split(
+    samples: list, classes: list[str], split: str, tmp: Path, task: str, maxcount: int, on_bad_sample: str
+) -> dict[str, Any]:
     sink = ShardSink(tmp, split, maxcount)
     counts = [0] * len(classes)
     skipped: list[str] = []
@@ -223,8 +243,10 @@ def _write_split(samples: list, classes: list[str], split: str, tmp: Path, task:
     shards = sink.close()
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
-        raise ValueError(f"{task}/{split}: class {empty[0]!r} has no readable images" +
-                         (f" ({len(skipped)} skipped as unreadable)" if skipped else ""))
+        raise ValueError(
+            f"{task}/{split}: class {empty[0]!r} has no readable images"
+            + (f" ({len(skipped)} skipped as unreadable)" if skipped else "")
+        )
     return {
         "classes": classes,
         "count": sum(counts),
@@ -241,6 +263,7 @@ def _jsonable(obj: Any) -> Any:
 
 # --- webdataset source: existing shards at URLs --------------------------------------------------
 
+
 def write_url_manifest(source: Mapping[str, Any], task: str, out_dir: str | os.PathLike) -> Path:
     """Write the manifest of a `webdataset` source (no re-sharding): per split its brace-expanded shard
     URLs (local paths made absolute) with the sample count, bytes and sha256 of each, measured by
@@ -254,10 +277,20 @@ def write_url_manifest(source: Mapping[str, Any], task: str, out_dir: str | os.P
     splits = {split: _scan_split(cfg, split, classes, task) for split in SPLITS}
     out_dir = Path(out_dir)
     with atomic_dir(out_dir, (FORMAT,)) as tmp:
-        write_json(tmp / MANIFEST, {"format": FORMAT, "task": task, "classes": classes, "hflip": cfg["hflip"],
-                                    "source": _jsonable(cfg), "splits": splits})
-    log.info("%s: %s", task,
-             ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards at URLs" for s, v in splits.items()))
+        write_json(
+            tmp / MANIFEST,
+            {
+                "format": FORMAT,
+                "task": task,
+                "classes": classes,
+                "hflip": cfg["hflip"],
+                "source": _jsonable(cfg),
+                "splits": splits,
+            },
+        )
+    log.info(
+        "%s: %s", task, ", ".join(f"{s} {v['count']} in {len(v['shards'])} shards at URLs" for s, v in splits.items())
+    )
     return out_dir / MANIFEST
 
 
@@ -266,8 +299,9 @@ def expand_urls(spec: str | Sequence[str], key: str) -> list[str]:
     (`train-{000000..000003}.tar`); local paths are made absolute."""
     patterns = [spec] if isinstance(spec, str) else spec
     if not isinstance(patterns, (list, tuple)) or not patterns or not all(isinstance(p, str) and p for p in patterns):
-        raise ValueError(f"data source 'webdataset': key {key!r} must be a shard URL pattern or a list of them, "
-                         f"got {spec!r}")
+        raise ValueError(
+            f"data source 'webdataset': key {key!r} must be a shard URL pattern or a list of them, got {spec!r}"
+        )
     return [_absolute(url) for p in patterns for url in wds.shardlists.expand_urls(p)]
 
 
@@ -286,8 +320,11 @@ def load_classes(spec: Any) -> list[str]:
                 raise ValueError(f"data source 'webdataset': {where}: not valid JSON ({e})") from e
         else:
             spec = [line.strip() for line in text.splitlines() if line.strip()]
-    if (not isinstance(spec, list) or not spec
-            or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in spec)):
+    if (
+        not isinstance(spec, list)
+        or not spec
+        or not all(isinstance(c, (str, int)) and not isinstance(c, bool) for c in spec)
+    ):
         raise ValueError(f"data source 'webdataset': {where}: expected a non-empty list of class names, got {spec!r}")
     names = [str(c) for c in spec]  # YAML reads `classes: [0, 1]` as ints
     dup = next((c for c in names if names.count(c) > 1), None)
@@ -299,22 +336,30 @@ def load_classes(spec: Any) -> list[str]:
 def _scan_split(cfg: Mapping[str, Any], split: str, classes: list[str], task: str) -> dict[str, Any]:
     counts = [0] * len(classes)
     shards = []
-    for url in tqdm(expand_urls(cfg[split], split), desc=f"scan {task}/{split}", unit="shard", leave=False,
-                    mininterval=2):
+    for url in tqdm(
+        expand_urls(cfg[split], split), desc=f"scan {task}/{split}", unit="shard", leave=False, mininterval=2
+    ):
         entry, labels = _scan_shard(url, len(classes))
         shards.append(entry)
         for label in labels:
             counts[label] += 1
     total, expected = sum(counts), cfg[f"n_{split}"]
     if expected is not None and expected != total:
-        raise ValueError(f"data source 'webdataset': key 'n_{split}' says {expected} samples, "
-                         f"the {split} shards {cfg[split]!r} hold {total}")
+        raise ValueError(
+            f"data source 'webdataset': key 'n_{split}' says {expected} samples, "
+            f"the {split} shards {cfg[split]!r} hold {total}"
+        )
     empty = [c for c, n in zip(classes, counts) if n == 0]
     if empty:
         log.warning("%s/%s: %d classes have no samples (e.g. %r)", task, split, len(empty), empty[0])
-    return {"classes": classes, "count": total, "counts": dict(zip(classes, counts)),
-            "image_size": None,  # images are not decoded here; the streams resize them to input_size
-            "shards": shards, "skipped": {"count": 0, "files": []}}
+    return {
+        "classes": classes,
+        "count": total,
+        "counts": dict(zip(classes, counts)),
+        "image_size": None,  # images are not decoded here; the streams resize them to input_size
+        "shards": shards,
+        "skipped": {"count": 0, "files": []},
+    }
 
 
 def _scan_shard(url: str, num_classes: int) -> tuple[dict[str, Any], list[int]]:
@@ -346,6 +391,7 @@ class _Hashing:
 
 
 # --- shards at URLs --------------------------------------------------------------------------------
+
 
 def _scheme(url: str) -> str:
     scheme = urlparse(url).scheme
@@ -440,8 +486,10 @@ def _group(members: Iterable[tuple[str, bytes]], url: str) -> Iterator[dict[str,
             continue  # no extension, or WebDataset metadata
         key, ext = m.group(1), m.group(2).lower()
         if Path(key).is_absolute() or ".." in Path(key).parts:
-            raise ValueError(f"shard {url}: member name {name!r} is absolute or contains '..' (a sample key must "
-                             "stay inside the shard)")
+            raise ValueError(
+                f"shard {url}: member name {name!r} is absolute or contains '..' (a sample key must "
+                "stay inside the shard)"
+            )
         if sample is not None and key != sample["__key__"]:
             yield sample
             sample = None
@@ -466,8 +514,9 @@ def _canonical(sample: dict[str, Any], url: str, num_classes: int | None) -> dic
     try:
         index = int(sample[label])
     except ValueError:
-        raise ValueError(f"shard {url}: sample {key!r}: {label} {sample[label][:20]!r} "
-                         "is not an integer class index") from None
+        raise ValueError(
+            f"shard {url}: sample {key!r}: {label} {sample[label][:20]!r} is not an integer class index"
+        ) from None
     if num_classes is not None and not 0 <= index < num_classes:
         raise ValueError(f"shard {url}: sample {key!r} has class index {index}, outside the {num_classes} classes")
     sample["png"] = sample.pop(image)
@@ -477,6 +526,7 @@ def _canonical(sample: dict[str, Any], url: str, num_classes: int | None) -> dic
 
 
 # --- manifests -----------------------------------------------------------------------------------
+
 
 def load_manifest(path: Path, fmt: str, keys: tuple[str, ...], *, missing: str) -> dict[str, Any]:
     """Read a manifest JSON of format `fmt` holding `keys`; every error names the file."""
@@ -504,8 +554,9 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> dict[
     """
     shard_dir = Path(shard_dir)
     path = shard_dir / MANIFEST
-    m = load_manifest(path, FORMAT, ("task", "classes", "splits"),
-                      missing="manifest not found (write the shards first)")
+    m = load_manifest(
+        path, FORMAT, ("task", "classes", "splits"), missing="manifest not found (write the shards first)"
+    )
     for split, info in m["splits"].items():
         for key in ("count", "counts", "shards", "classes"):
             if key not in info:
@@ -520,10 +571,16 @@ def read_manifest(shard_dir: str | os.PathLike, *, verify: bool = True) -> dict[
 
 
 def _check_entry(shard_dir: Path, split: str, shard: Any, verify: bool) -> None:
-    if (not isinstance(shard, dict) or not {"sha256", "count"} <= shard.keys()
-            or ("name" in shard) == ("url" in shard) or not isinstance(shard.get("name", shard.get("url")), str)):
-        raise ValueError(f"{shard_dir / MANIFEST}: split {split!r} has a shard entry without sha256 / count or "
-                         f"without exactly one name / url: {shard!r}")
+    if (
+        not isinstance(shard, dict)
+        or not {"sha256", "count"} <= shard.keys()
+        or ("name" in shard) == ("url" in shard)
+        or not isinstance(shard.get("name", shard.get("url")), str)
+    ):
+        raise ValueError(
+            f"{shard_dir / MANIFEST}: split {split!r} has a shard entry without sha256 / count or "
+            f"without exactly one name / url: {shard!r}"
+        )
     if "name" in shard:
         _check_file(shard_dir, shard, verify)
         return
@@ -537,8 +594,10 @@ def _named_path(directory: Path, entry: Mapping[str, Any]) -> Path:
     '..'): a manifest must never make a reader open an arbitrary local file."""
     name = entry.get("name")
     if not isinstance(name, str) or not name or Path(name).is_absolute() or ".." in Path(name).parts:
-        raise ValueError(f"{Path(directory) / MANIFEST}: shard entry name {name!r} must be a file name inside "
-                         f"{directory} (absolute paths and '..' are refused; shards elsewhere belong in a 'url')")
+        raise ValueError(
+            f"{Path(directory) / MANIFEST}: shard entry name {name!r} must be a file name inside "
+            f"{directory} (absolute paths and '..' are refused; shards elsewhere belong in a 'url')"
+        )
     return Path(directory) / name
 
 
@@ -563,8 +622,9 @@ def split_info(manifest: Mapping[str, Any], split: str) -> Mapping[str, Any]:
 
 def shard_urls(shard_dir: str | os.PathLike, manifest: Mapping[str, Any], split: str) -> list[str]:
     """Where each shard of `split` is read from: its `url`, or its `name` inside `shard_dir`."""
-    return [s["url"] if "url" in s else str(_named_path(Path(shard_dir), s))
-            for s in split_info(manifest, split)["shards"]]
+    return [
+        s["url"] if "url" in s else str(_named_path(Path(shard_dir), s)) for s in split_info(manifest, split)["shards"]
+    ]
 
 
 # --- decoding ------------------------------------------------------------------------------------
@@ -600,8 +660,10 @@ class Prepare:
         try:
             img = decode_png(sample["png"], f"{sample.get('__key__')!r}")
         except Exception as e:  # PIL raises many types for bad bytes
-            raise ValueError(f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}: unreadable image "
-                             f"({type(e).__name__}: {e})") from e
+            raise ValueError(
+                f"shard {sample.get('__url__')}: sample {sample.get('__key__')!r}: unreadable image "
+                f"({type(e).__name__}: {e})"
+            ) from e
         s = self.input_size
         if img.shape[:2] != (s, s):
             img = np.asarray(resize_center(Image.fromarray(img), s))
@@ -618,7 +680,7 @@ class Prepare:
         p, s = self.pad, self.input_size
         padded = np.pad(img, ((p, p), (p, p), (0, 0)))
         dy, dx = rng.randrange(2 * p + 1), rng.randrange(2 * p + 1)
-        img = padded[dy:dy + s, dx:dx + s]
+        img = padded[dy : dy + s, dx : dx + s]
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
         return img
@@ -639,7 +701,22 @@ def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.
     return normalise(np.stack(images)), torch.tensor(labels, dtype=torch.int64)
 
 
+def fixed_batches(
+    samples: Iterable[dict[str, Any]], prep: Prepare, batch_size: int
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """(x, y) batches of `samples` in order, fixed preprocessing; the last one may be partial."""
+    batch = []
+    for sample in samples:
+        batch.append(prep(sample))
+        if len(batch) == batch_size:
+            yield collate(batch)
+            batch = []
+    if batch:
+        yield collate(batch)
+
+
 # --- streams -------------------------------------------------------------------------------------
+
 
 def _worker() -> tuple[int, int]:
     """(this DataLoader worker's id, number of workers); (0, 1) outside a worker."""
@@ -647,8 +724,9 @@ def _worker() -> tuple[int, int]:
     return (info.id, info.num_workers) if info is not None else (0, 1)
 
 
-def _loader(dataset: torch.utils.data.IterableDataset, *, num_workers: int, pin_memory: bool,
-            seed: int = 0) -> Iterable:
+def _loader(
+    dataset: torch.utils.data.IterableDataset, *, num_workers: int, pin_memory: bool, seed: int = 0
+) -> Iterable:
     """`dataset` itself, or a DataLoader running it in `num_workers` processes and / or pinning its
     batches (only where CUDA is available: pinning is useless without it, and torch warns)."""
     if num_workers < 0:
@@ -658,8 +736,9 @@ def _loader(dataset: torch.utils.data.IterableDataset, *, num_workers: int, pin_
         return dataset
     # batch_size=None: the dataset yields whole batches. An own generator: the DataLoader draws its
     # workers' base seed from it, not from (and so advancing) torch's global RNG.
-    return torch.utils.data.DataLoader(dataset, batch_size=None, num_workers=num_workers, pin_memory=pin,
-                                       generator=torch.Generator().manual_seed(seed))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=None, num_workers=num_workers, pin_memory=pin, generator=torch.Generator().manual_seed(seed)
+    )
 
 
 def check_ranks(batch_size: int, rank: int, world_size: int) -> None:
@@ -667,8 +746,10 @@ def check_ranks(batch_size: int, rank: int, world_size: int) -> None:
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"rank {rank} / world_size {world_size}: need world_size >= 1 and 0 <= rank < world_size")
     if batch_size < 1 or batch_size % world_size:
-        raise ValueError(f"batch_size {batch_size} must be a positive multiple of world_size {world_size} "
-                         f"(batch_size is the global batch; each rank gets batch_size // world_size rows)")
+        raise ValueError(
+            f"batch_size {batch_size} must be a positive multiple of world_size {world_size} "
+            f"(batch_size is the global batch; each rank gets batch_size // world_size rows)"
+        )
 
 
 def _buffer_shuffle(samples: Iterable[Any], size: int, rng: np.random.Generator) -> Iterator[Any]:
@@ -697,11 +778,20 @@ class EpochStream(torch.utils.data.IterableDataset):
     Samples whose key `skip` accepts are left out (the held-out split, `zipper.data.holdout`).
     """
 
-    def __init__(self, urls: Sequence[str], decode: Callable[[dict[str, Any]], Any],
-                 collation_fn: Callable[[list], Any],
-                 *, seed: int, batch_size: int, rank: int = 0, world_size: int = 1,
-                 shuffle_buffer: int = SHUFFLE_BUFFER, num_classes: int | None = None,
-                 skip: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        urls: Sequence[str],
+        decode: Callable[[dict[str, Any]], Any],
+        collation_fn: Callable[[list], Any],
+        *,
+        seed: int,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        shuffle_buffer: int = SHUFFLE_BUFFER,
+        num_classes: int | None = None,
+        skip: Callable[[str], bool] | None = None,
+    ) -> None:
         super().__init__()
         check_ranks(batch_size, rank, world_size)
         if not urls:
@@ -716,7 +806,7 @@ class EpochStream(torch.utils.data.IterableDataset):
         first = self.rank * rows
         while True:
             batch = list(itertools.islice(samples, self.batch_size))
-            yield self.collation_fn([self.decode(s) for s in batch[first:first + rows]])
+            yield self.collation_fn([self.decode(s) for s in batch[first : first + rows]])
 
     def samples(self, worker: int = 0, workers: int = 1) -> Iterator[dict[str, Any]]:
         """One worker's endless raw, tagged samples."""
@@ -739,15 +829,36 @@ class EpochStream(torch.utils.data.IterableDataset):
                 yield sample
 
 
-def epoch_stream(urls: Sequence[str], decode: Callable[[dict[str, Any]], Any], collation_fn: Callable[[list], Any], *,
-                 seed: int, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 pin_memory: bool = False, shuffle_buffer: int = SHUFFLE_BUFFER,
-                 num_classes: int | None = None, skip: Callable[[str], bool] | None = None) -> Iterator[Any]:
+def epoch_stream(
+    urls: Sequence[str],
+    decode: Callable[[dict[str, Any]], Any],
+    collation_fn: Callable[[list], Any],
+    *,
+    seed: int,
+    batch_size: int,
+    rank: int = 0,
+    world_size: int = 1,
+    num_workers: int = 0,
+    pin_memory: bool = False,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+    num_classes: int | None = None,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[Any]:
     """Endless batches of an `EpochStream`, in `num_workers` DataLoader workers (at most one per
     shard: a worker without shards would have nothing to read). Deterministic given `seed`,
     `num_workers` and `world_size`; errors on arguments are raised here, not at the first batch."""
-    dataset = EpochStream(urls, decode, collation_fn, seed=seed, batch_size=batch_size, rank=rank,
-                          world_size=world_size, shuffle_buffer=shuffle_buffer, num_classes=num_classes, skip=skip)
+    dataset = EpochStream(
+        urls,
+        decode,
+        collation_fn,
+        seed=seed,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        shuffle_buffer=shuffle_buffer,
+        num_classes=num_classes,
+        skip=skip,
+    )
     return _endless(_loader(dataset, num_workers=min(num_workers, len(urls)), pin_memory=pin_memory, seed=seed))
 
 
@@ -755,10 +866,20 @@ def _endless(loader: Iterable) -> Iterator[Any]:
     yield from loader  # a generator: workers start at the first batch asked for, not before
 
 
-def train_batches(shard_dir: str | os.PathLike, *, input_size: int, batch_size: int, augment: bool, seed: int,
-                  split: str = "train", num_workers: int = 0, rank: int = 0, world_size: int = 1,
-                  pin_memory: bool = False, skip: Callable[[str], bool] | None = None
-                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+def train_batches(
+    shard_dir: str | os.PathLike,
+    *,
+    input_size: int,
+    batch_size: int,
+    augment: bool,
+    seed: int,
+    split: str = "train",
+    num_workers: int = 0,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+    skip: Callable[[str], bool] | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Endless shuffled stream of (x float32 (N, 3, S, S) normalised, y int64 (N,)) from `split`.
 
     Epoch after epoch, every sample once per epoch (`EpochStream`); deterministic given `seed`,
@@ -770,9 +891,19 @@ def train_batches(shard_dir: str | os.PathLike, *, input_size: int, batch_size: 
     """
     m = read_manifest(shard_dir)
     prep = Prepare(input_size, augment=augment, hflip=bool(m.get("hflip", True)), seed=seed)
-    return epoch_stream(shard_urls(shard_dir, m, split), prep, collate, seed=seed, batch_size=batch_size, rank=rank,
-                        world_size=world_size, num_workers=num_workers, pin_memory=pin_memory,
-                        num_classes=len(m["classes"]), skip=skip)
+    return epoch_stream(
+        shard_urls(shard_dir, m, split),
+        prep,
+        collate,
+        seed=seed,
+        batch_size=batch_size,
+        rank=rank,
+        world_size=world_size,
+        num_workers=num_workers,
+        pin_memory=pin_memory,
+        num_classes=len(m["classes"]),
+        skip=skip,
+    )
 
 
 class _ShardBatches(torch.utils.data.IterableDataset):
@@ -785,23 +916,29 @@ class _ShardBatches(torch.utils.data.IterableDataset):
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         worker, workers = _worker()
-        batch = []
-        for url, cap in self.shards[worker::workers]:
-            for sample in itertools.islice(read_shard(url, num_classes=self.num_classes), cap):
-                batch.append(self.prep(sample))
-                if len(batch) == self.batch_size:
-                    yield collate(batch)
-                    batch = []
-        if batch:
-            yield collate(batch)
+        samples = itertools.chain.from_iterable(
+            itertools.islice(read_shard(url, num_classes=self.num_classes), cap)
+            for url, cap in self.shards[worker::workers]
+        )
+        yield from fixed_batches(samples, self.prep, self.batch_size)
 
 
 class ValBatches:
     """Finite, re-iterable (x, y) batches of one split in manifest order with fixed preprocessing."""
 
-    def __init__(self, shard_dir: str | os.PathLike, *, input_size: int, batch_size: int, split: str = "val",
-                 limit: int | None = None, num_workers: int = 0, rank: int | None = None,
-                 world_size: int | None = None, pin_memory: bool = False) -> None:
+    def __init__(
+        self,
+        shard_dir: str | os.PathLike,
+        *,
+        input_size: int,
+        batch_size: int,
+        split: str = "val",
+        limit: int | None = None,
+        num_workers: int = 0,
+        rank: int | None = None,
+        world_size: int | None = None,
+        pin_memory: bool = False,
+    ) -> None:
         self.manifest = read_manifest(shard_dir)
         self.urls = shard_urls(shard_dir, self.manifest, split)
         self.classes: list[str] = list(self.manifest["classes"])
@@ -821,28 +958,48 @@ class ValBatches:
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         # No explicit world_size: the ranks of torch.distributed (or RANK / WORLD_SIZE), as WebDataset does.
-        rank, world = ((self.rank or 0, self.world_size) if self.world_size is not None
-                       else wds.utils.pytorch_worker_info()[:2])
+        rank, world = (
+            (self.rank or 0, self.world_size) if self.world_size is not None else wds.utils.pytorch_worker_info()[:2]
+        )
         shards = [(u, c) for u, c in zip(self.urls, self.caps) if c > 0][rank::world]
         dataset = _ShardBatches(shards, Prepare(self.input_size), self.batch_size, len(self.classes))
         return iter(_loader(dataset, num_workers=min(self.num_workers, len(shards)), pin_memory=self.pin_memory))
 
 
-def val_batches(shard_dir: str | os.PathLike, *, input_size: int, batch_size: int, split: str = "val",
-                limit: int | None = None, num_workers: int = 0, rank: int | None = None, world_size: int | None = None,
-                pin_memory: bool = False) -> ValBatches:
+def val_batches(
+    shard_dir: str | os.PathLike,
+    *,
+    input_size: int,
+    batch_size: int,
+    split: str = "val",
+    limit: int | None = None,
+    num_workers: int = 0,
+    rank: int | None = None,
+    world_size: int | None = None,
+    pin_memory: bool = False,
+) -> ValBatches:
     """Finite, deterministic (x, y) batches of `split` (first `limit` samples); a fresh pass per iteration.
 
     Shards are divided over ranks (`rank` of `world_size`; by default those of torch.distributed or
     RANK / WORLD_SIZE) and DataLoader workers. One process reads in manifest order; workers yield
     the same samples, their batches interleaved.
     """
-    return ValBatches(shard_dir, input_size=input_size, batch_size=batch_size, split=split, limit=limit,
-                      num_workers=num_workers, rank=rank, world_size=world_size, pin_memory=pin_memory)
+    return ValBatches(
+        shard_dir,
+        input_size=input_size,
+        batch_size=batch_size,
+        split=split,
+        limit=limit,
+        num_workers=num_workers,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=pin_memory,
+    )
 
 
-def iter_samples(shard_dir: str | os.PathLike, split: str, *,
-                 manifest: Mapping[str, Any] | None = None) -> Iterator[dict[str, Any]]:
+def iter_samples(
+    shard_dir: str | os.PathLike, split: str, *, manifest: Mapping[str, Any] | None = None
+) -> Iterator[dict[str, Any]]:
     """Raw samples of one split in manifest order (local files or URLs), as `read_shard` gives them:
     `__key__`, `png` (image bytes, whatever their format), `cls` bytes, ..."""
     m = manifest if manifest is not None else read_manifest(shard_dir)

@@ -17,6 +17,7 @@
 Samples load lazily (`Sample.load() -> (PIL RGB image, label)`) so an unreadable file is found, and
 named, while the shards are written. Every image is converted to 8-bit RGB (`to_rgb`).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -32,8 +33,9 @@ from . import synthetic
 
 SOURCES: tuple[str, ...] = ("synthetic", "digits", "imagefolder", "torchvision", "webdataset")
 SPLITS: tuple[str, ...] = ("train", "val")
-IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm",
-                              ".pbm"})
+IMAGE_EXTENSIONS = frozenset(
+    {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm", ".pbm"}
+)
 
 # Keys each source accepts: name -> default (REQUIRED = must be given).
 REQUIRED = object()
@@ -41,10 +43,23 @@ KEYS: dict[str, dict[str, Any]] = {
     "synthetic": {"name": REQUIRED, "n_train": 3000, "n_val": 600, "seed": 0, "size": 32},
     "digits": {"seed": 0, "val_fraction": 0.2, "size": 32},
     "imagefolder": {"root": REQUIRED, "train": "train", "val": "val", "image_size": None, "seed": 0},
-    "torchvision": {"dataset": REQUIRED, "root": REQUIRED, "download": False, "image_size": None,
-                    "train_split": None, "val_split": None, "seed": 0},
-    "webdataset": {"train": REQUIRED, "val": REQUIRED, "classes": REQUIRED, "n_train": None, "n_val": None,
-                   "hflip": True},
+    "torchvision": {
+        "dataset": REQUIRED,
+        "root": REQUIRED,
+        "download": False,
+        "image_size": None,
+        "train_split": None,
+        "val_split": None,
+        "seed": 0,
+    },
+    "webdataset": {
+        "train": REQUIRED,
+        "val": REQUIRED,
+        "classes": REQUIRED,
+        "n_train": None,
+        "n_val": None,
+        "hflip": True,
+    },
 }
 
 
@@ -62,8 +77,10 @@ def check_image_size(img: Image.Image, nbytes: int, origin: str) -> None:
     """Refuse an opened (not yet decoded) image over MAX_IMAGE_PIXELS or a file over MAX_IMAGE_BYTES."""
     w, h = img.size
     if w * h > MAX_IMAGE_PIXELS or nbytes > MAX_IMAGE_BYTES:
-        raise BadSample(f"image {origin} is too large: {w} x {h} px, {nbytes} bytes (at most {MAX_IMAGE_PIXELS} px "
-                        f"and {MAX_IMAGE_BYTES} bytes): resize it first")
+        raise BadSample(
+            f"image {origin} is too large: {w} x {h} px, {nbytes} bytes (at most {MAX_IMAGE_PIXELS} px "
+            f"and {MAX_IMAGE_BYTES} bytes): resize it first"
+        )
 
 
 @dataclass(frozen=True)
@@ -121,10 +138,12 @@ def load_source(source: Mapping[str, Any]) -> SourceData:
     """Open the source described by `source` (see the module docstring for the keys)."""
     cfg = resolve(source)
     if cfg["source"] == "webdataset":
-        raise ValueError("data source 'webdataset' is streamed from its URLs, not loaded: "
-                         "write its manifest with write_shards")
-    return {"synthetic": _synthetic, "digits": _digits, "imagefolder": _imagefolder,
-            "torchvision": _torchvision}[cfg["source"]](cfg)
+        raise ValueError(
+            "data source 'webdataset' is streamed from its URLs, not loaded: write its manifest with write_shards"
+        )
+    return {"synthetic": _synthetic, "digits": _digits, "imagefolder": _imagefolder, "torchvision": _torchvision}[
+        cfg["source"]
+    ](cfg)
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -156,6 +175,7 @@ def resize_center(img: Image.Image, size: int) -> Image.Image:
 
 # --- sources ---------------------------------------------------------------------------------------
 
+
 def _array_samples(images: np.ndarray, labels: np.ndarray, origin: str) -> list[Sample]:
     def one(i: int) -> tuple[Image.Image, int]:
         return Image.fromarray(images[i], "RGB"), int(labels[i])
@@ -166,8 +186,9 @@ def _array_samples(images: np.ndarray, labels: np.ndarray, origin: str) -> list[
 def _synthetic(cfg: dict[str, Any]) -> SourceData:
     name = cfg["name"]
     if name not in synthetic.TASKS:
-        raise ValueError(f"data source 'synthetic': unknown name {name!r} (key 'name'); "
-                         f"built-in: {', '.join(synthetic.TASKS)}")
+        raise ValueError(
+            f"data source 'synthetic': unknown name {name!r} (key 'name'); built-in: {', '.join(synthetic.TASKS)}"
+        )
     for key in ("n_train", "n_val"):
         if not isinstance(cfg[key], int) or cfg[key] < 1:
             raise ValueError(f"data source 'synthetic': key {key!r} must be a positive integer, got {cfg[key]!r}")
@@ -196,8 +217,10 @@ def _digits(cfg: dict[str, Any]) -> SourceData:
         img = Image.fromarray(gray[i], "L").resize((size, size), Image.Resampling.BILINEAR)
         return img.convert("RGB"), int(d.target[i])
 
-    splits = {"train": [Sample(partial(one, i), f"digits[{i}]") for i in tr],
-              "val": [Sample(partial(one, i), f"digits[{i}]") for i in sorted(va)]}
+    splits = {
+        "train": [Sample(partial(one, i), f"digits[{i}]") for i in tr],
+        "val": [Sample(partial(one, i), f"digits[{i}]") for i in sorted(va)],
+    }
     return SourceData([str(c) for c in range(10)], splits, hflip=False, info=dict(cfg))
 
 
@@ -226,8 +249,9 @@ def _imagefolder(cfg: dict[str, Any]) -> SourceData:
             raise ValueError(f"data source 'imagefolder': missing split folder {str(d)!r} (key {split!r})")
         classes = sorted(p.name for p in d.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
-            raise ValueError(f"data source 'imagefolder': {str(d)!r} has no class folders "
-                             f"(expected {d}/<class>/<image>)")
+            raise ValueError(
+                f"data source 'imagefolder': {str(d)!r} has no class folders (expected {d}/<class>/<image>)"
+            )
         found[split] = {}
         for c in classes:
             files = []
@@ -243,13 +267,18 @@ def _imagefolder(cfg: dict[str, Any]) -> SourceData:
     train_c, val_c = set(found["train"]), set(found["val"])
     if train_c != val_c:
         only_t, only_v = sorted(train_c - val_c), sorted(val_c - train_c)
-        raise ValueError(f"data source 'imagefolder': train and val class folders differ under {str(root)!r}: "
-                         f"only in train: {only_t}, only in val: {only_v}")
+        raise ValueError(
+            f"data source 'imagefolder': train and val class folders differ under {str(root)!r}: "
+            f"only in train: {only_t}, only in val: {only_v}"
+        )
     classes = sorted(train_c)
     splits = {}
     for split in SPLITS:
-        samples = [Sample(partial(_open_image, p, k, cfg["image_size"]), str(p))
-                   for k, c in enumerate(classes) for p in found[split][c]]
+        samples = [
+            Sample(partial(_open_image, p, k, cfg["image_size"]), str(p))
+            for k, c in enumerate(classes)
+            for p in found[split][c]
+        ]
         if split == "train":  # shards are read sequentially: mix the classes once, reproducibly
             order = np.random.default_rng(cfg["seed"]).permutation(len(samples))
             samples = [samples[i] for i in order]
@@ -282,8 +311,10 @@ def _torchvision(cfg: dict[str, Any]) -> SourceData:
         elif "split" in params:
             kw["split"] = chosen if chosen is not None else ("train" if split == "train" else "test")
         else:
-            raise ValueError(f"data source 'torchvision': {name} has no train/split argument, so train and val "
-                             "cannot be told apart (for a folder of images use source: imagefolder)")
+            raise ValueError(
+                f"data source 'torchvision': {name} has no train/split argument, so train and val "
+                "cannot be told apart (for a folder of images use source: imagefolder)"
+            )
         try:
             datasets[split] = ctor(str(cfg["root"]), **kw)
         except Exception as e:  # missing files without download=True, bad split name...
@@ -299,8 +330,10 @@ def _torchvision(cfg: dict[str, Any]) -> SourceData:
     def one(ds: Any, i: int) -> tuple[Image.Image, int]:
         img, label = ds[i]
         if not isinstance(img, Image.Image):
-            raise BadSample(f"{name}[{i}]: expected a PIL image (construct the dataset without transforms), "
-                            f"got {type(img).__name__}")
+            raise BadSample(
+                f"{name}[{i}]: expected a PIL image (construct the dataset without transforms), "
+                f"got {type(img).__name__}"
+            )
         img = to_rgb(img)
         return (resize_center(img, size) if size else img), int(label)
 

@@ -13,6 +13,7 @@ thousands of images. The same (task, n, seed, size) always gives the same pixels
 Orientation is part of the label for stripes, so `textures` must not be flipped or rotated by
 augmentation (see `HFLIP`).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -63,10 +64,11 @@ def generate(task: str, n: int, *, seed: int = 0, size: int = 32) -> tuple[np.nd
 
 # --- drawing -------------------------------------------------------------------------------------
 
+
 def _grid(b: int, size: int) -> tuple[np.ndarray, np.ndarray]:
     """Sub-pixel centre coordinates in pixels, shaped (1, S, S) for broadcasting over a batch."""
     s = size * SUPERSAMPLE
-    c = ((np.arange(s, dtype=np.float32) + 0.5) / SUPERSAMPLE)
+    c = (np.arange(s, dtype=np.float32) + 0.5) / SUPERSAMPLE
     return c[None, None, :], c[None, :, None]  # x varies along columns, y along rows
 
 
@@ -119,19 +121,20 @@ def _shape_mask(kind: np.ndarray, u: np.ndarray, v: np.ndarray) -> np.ndarray:
         elif name == "star":
             sector = 2 * np.pi / 5
             f = np.abs(((tt - np.pi / 2) % sector) / sector - 0.5) * 2  # 1 at a point, 0 between points
-            m = rr < 0.38 + 0.62 * f ** 1.5
+            m = rr < 0.38 + 0.62 * f**1.5
         elif name == "cross":
             m = ((np.abs(uu) < 0.85) & (np.abs(vv) < 0.27)) | ((np.abs(uu) < 0.27) & (np.abs(vv) < 0.85))
         elif name == "ring":
             m = (rr < 0.85) & (rr > 0.5)
         elif name == "crescent":
-            m = (rr < 0.85) & ((uu - 0.38) ** 2 + vv * vv > 0.68 ** 2)
+            m = (rr < 0.85) & ((uu - 0.38) ** 2 + vv * vv > 0.68**2)
         elif name == "heart":
             x, y = uu * 1.25, -vv * 1.25 + 0.25
-            m = (x * x + y * y - 1) ** 3 - x * x * y ** 3 < 0
+            m = (x * x + y * y - 1) ** 3 - x * x * y**3 < 0
         elif name == "arrow":
-            m = (((uu > -0.9) & (uu < 0.15) & (np.abs(vv) < 0.17))
-                 | ((uu >= 0.1) & (uu < 0.9) & (np.abs(vv) < (0.9 - uu) * 0.85)))
+            m = ((uu > -0.9) & (uu < 0.15) & (np.abs(vv) < 0.17)) | (
+                (uu >= 0.1) & (uu < 0.9) & (np.abs(vv) < (0.9 - uu) * 0.85)
+            )
         elif name == "bar":
             m = (np.abs(uu) < 0.95) & (np.abs(vv) < 0.26)
         else:  # pragma: no cover - SHAPES and this table are edited together
@@ -145,8 +148,9 @@ def _polygon(r: np.ndarray, th: np.ndarray, n: int, apothem: float) -> np.ndarra
     return r * np.cos(((th - np.pi / 2) % sector) - sector / 2) < apothem
 
 
-def _place(b: int, size: int, rng: np.random.Generator,
-           radius: tuple[float, float]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _place(
+    b: int, size: int, rng: np.random.Generator, radius: tuple[float, float]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Random local coordinates (u, v) of a shape (unit = its radius) and its radius in pixels."""
     x, y = _grid(b, size)
     rad = _u(rng, radius[0] * size, radius[1] * size, b)
@@ -163,8 +167,10 @@ def _place(b: int, size: int, rng: np.random.Generator,
 def _pattern(kind: np.ndarray, b: int, size: int, rng: np.random.Generator) -> np.ndarray:
     """Pattern field in [0, 1] of TEXTURES[kind[i]], shape (B, S, S)."""
     x, y = _grid(b, size)
-    x, y = (np.broadcast_to(x, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)),
-            np.broadcast_to(y, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)))
+    x, y = (
+        np.broadcast_to(x, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)),
+        np.broadcast_to(y, (b, size * SUPERSAMPLE, size * SUPERSAMPLE)),
+    )
     period = _u(rng, 4.0, 9.0, b)
     phase = _u(rng, 0, 1, b)
     sharp = _u(rng, 1.5, 12.0, b)  # soft (sine) to hard (square wave) edges
@@ -181,7 +187,7 @@ def _pattern(kind: np.ndarray, b: int, size: int, rng: np.random.Generator) -> n
             ang = free[idx]
         u = xx * np.cos(ang) + yy * np.sin(ang)
         v = -xx * np.sin(ang) + yy * np.cos(ang)
-        wave = lambda t: 1 / (1 + np.exp(-sh * np.sin(2 * np.pi * t)))  # noqa: E731
+        wave = lambda t: 1 / (1 + np.exp(-sh * np.sin(2 * np.pi * t)))
         if name.startswith("stripes_"):
             p = wave(v / per + ph)
         elif name == "checks":
@@ -233,7 +239,7 @@ def _lines(img: np.ndarray, size: int, rng: np.random.Generator) -> np.ndarray:
         p0 = rng.uniform(0, size, (b, 2)).astype(np.float32)
         p1 = p0 + rng.uniform(-size / 2, size / 2, (b, 2)).astype(np.float32)
         d = p1 - p0
-        t = ((x - p0[:, 0, None, None]) * d[:, 0, None, None] + (y - p0[:, 1, None, None]) * d[:, 1, None, None])
+        t = (x - p0[:, 0, None, None]) * d[:, 0, None, None] + (y - p0[:, 1, None, None]) * d[:, 1, None, None]
         t = np.clip(t / np.maximum((d * d).sum(1), 1e-6)[:, None, None], 0, 1)
         px = p0[:, 0, None, None] + t * d[:, 0, None, None] - x
         py = p0[:, 1, None, None] + t * d[:, 1, None, None] - y

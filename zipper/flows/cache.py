@@ -4,6 +4,7 @@ from), and a cache policy that drops a record whose outputs are gone or changed.
 A key is the sha256 of the files the stage run reads (paths relative to the project root), the params
 keys it uses and the package code it runs: nothing per process, run, deployment or checkout.
 """
+
 from __future__ import annotations
 
 import json
@@ -58,8 +59,11 @@ def _files(path: Path) -> list[Path]:
     """A file, or every file under a folder (skipping dot files: temp names of atomic writes in flight)."""
     if not path.is_dir():
         return [path] if path.is_file() else []
-    return sorted(p for p in path.rglob("*") if p.is_file()
-                  and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts))
+    return sorted(
+        p
+        for p in path.rglob("*")
+        if p.is_file() and not any(part.startswith(".") or part == "__pycache__" for part in p.relative_to(path).parts)
+    )
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -86,10 +90,15 @@ def stage_key(command: str, params: Params, layout: Layout, arg: str | int | Non
     """The cache key of one stage run, from the stage graph: what it reads (content hashes, paths relative
     to the root), the params and package code it uses. Nothing per process, run or checkout."""
     io = stage_io(stage_of(command, arg), params, layout, arg)
-    return sha256_json({
-        "stage": command, "arg": arg, "params": pick_params(params, io.params),
-        "reads": hash_paths(io.reads, layout.root),
-        "code": hash_paths((ZIPPER_SRC / c for c in io.code), ZIPPER_SRC.parent)})
+    return sha256_json(
+        {
+            "stage": command,
+            "arg": arg,
+            "params": pick_params(params, io.params),
+            "reads": hash_paths(io.reads, layout.root),
+            "code": hash_paths((ZIPPER_SRC / c for c in io.code), ZIPPER_SRC.parent),
+        }
+    )
 
 
 def output_state(command: str, params: Params, layout: Layout, arg: str | int | None = None) -> dict[str, Any]:

@@ -2,6 +2,7 @@
 process of their own (torch's global RNG and thread settings are per process, so results do not depend
 on what runs beside them; with runtime.nproc_per_node > 1 the command relaunches itself under torchrun),
 its output streamed line by line to the task's log."""
+
 from __future__ import annotations
 
 import collections
@@ -36,8 +37,9 @@ def _yaml_value(value: Any) -> str:
     return text.removesuffix("\n").removesuffix("\n...").strip()
 
 
-def cli_args(params_path: str | os.PathLike, root: str | os.PathLike,
-             overrides: Mapping[str, Any] | None) -> tuple[str, ...]:
+def cli_args(
+    params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None
+) -> tuple[str, ...]:
     """The options of every `zipper <stage>` command of a flow run: its params file, root and overrides."""
     args = ["--params", str(Path(params_path).resolve()), "--root", str(Path(root).resolve())]
     for key, value in (overrides or {}).items():
@@ -45,8 +47,9 @@ def cli_args(params_path: str | os.PathLike, root: str | os.PathLike,
     return tuple(args)
 
 
-def stage_command(stage: str, cli: Iterable[str], arg: str | int | None = None, threads: int | None = None
-                  ) -> list[str]:
+def stage_command(
+    stage: str, cli: Iterable[str], arg: str | int | None = None, threads: int | None = None
+) -> list[str]:
     """`zipper <stage> <cli> [--depth K | --task NAME] [--threads N]`, with this interpreter."""
     cmd = [sys.executable, "-m", "zipper.cli", stage, *cli]
     if stage in ("zip", "evaluate"):
@@ -63,8 +66,12 @@ def _task_logger() -> logging.Logger | logging.LoggerAdapter:
         return log
 
 
-def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter | None = None,
-                tail: int = COMMAND_TAIL, env: Mapping[str, str] | None = None) -> None:
+def run_command(
+    cmd: list[str],
+    logger: logging.Logger | logging.LoggerAdapter | None = None,
+    tail: int = COMMAND_TAIL,
+    env: Mapping[str, str] | None = None,
+) -> None:
     """Run `cmd`, each line of its output (stdout and stderr) logged as it comes, to the task's run
     logger by default; raise StageCommandError with its last `tail` lines if it exits non-zero.
 
@@ -74,8 +81,15 @@ def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter |
     logger = logger or _task_logger()
     logger.info("running %s", shlex.join(cmd))
     last: collections.deque[str] = collections.deque(maxlen=tail)
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace",
-                            env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        errors="replace",
+        env={**os.environ, **(env or {}), "PYTHONUNBUFFERED": "1"},
+        start_new_session=True,
+    )
     try:
         assert proc.stdout is not None
         for line in proc.stdout:
@@ -95,15 +109,18 @@ def run_command(cmd: list[str], logger: logging.Logger | logging.LoggerAdapter |
         if proc.stdout is not None:
             proc.stdout.close()
     if returncode != 0:
-        raise StageCommandError(f"`{shlex.join(cmd)}` exited with status {returncode}; its last lines:\n"
-                                + "\n".join(last))
+        raise StageCommandError(
+            f"`{shlex.join(cmd)}` exited with status {returncode}; its last lines:\n" + "\n".join(last)
+        )
 
 
-def run_stage_command(stage: str, cli: Iterable[str], arg: str | int, root: str | os.PathLike,
-                      threads: int | None = None) -> None:
+def run_stage_command(
+    stage: str, cli: Iterable[str], arg: str | int, root: str | os.PathLike, threads: int | None = None
+) -> None:
     """Run a stage's command for the flow run that holds `root`'s lock."""
     cli = tuple(cli)
     if not cli:
-        raise ValueError(f"{stage} runs as its command, which needs the flow run's command-line options "
-                         "(cli=cli_args(...))")
+        raise ValueError(
+            f"{stage} runs as its command, which needs the flow run's command-line options (cli=cli_args(...))"
+        )
     run_command(stage_command(stage, cli, arg, threads), env=held_by_parent(root))

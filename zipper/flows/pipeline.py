@@ -21,6 +21,7 @@ this module only wires them together, along the stage graph of `zipper.graph` th
 - on Dask, when `runtime.device` names CUDA, the teachers and zip tasks ask for the worker resource
   `GPU` (= nproc_per_node), so only workers started with `--resources GPU=N` run them.
 """
+
 from __future__ import annotations
 
 import json
@@ -67,9 +68,17 @@ def retry_on_io_error(task_, task_run, state) -> bool:
 
 
 def _options(stage: str, run_name: str) -> dict[str, Any]:
-    return dict(name=f"zipper-{stage}", task_run_name=run_name, cache_policy=StageCache(stage=stage),
-                persist_result=True, result_serializer="json", retries=2, retry_delay_seconds=[10, 60],
-                retry_condition_fn=retry_on_io_error, tags=["zipper", f"zipper-{stage}"])
+    return dict(
+        name=f"zipper-{stage}",
+        task_run_name=run_name,
+        cache_policy=StageCache(stage=stage),
+        persist_result=True,
+        result_serializer="json",
+        retries=2,
+        retry_delay_seconds=[10, 60],
+        retry_condition_fn=retry_on_io_error,
+        tags=["zipper", f"zipper-{stage}"],
+    )
 
 
 def _done(stage: str, params: Params, layout: Layout, arg: str | int | None = None, **extra: Any) -> dict[str, Any]:
@@ -92,8 +101,9 @@ def data_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
 @task(**_options("teachers", "teacher-{name}"))
 def teachers_task(params: Params, layout: Layout, name: str, cli: tuple[str, ...] = ()) -> dict[str, Any]:
     # With the threads `zipper teachers` gives each task's process: the same teachers as dvc repro's.
-    run_stage_command("teachers", cli, name, layout.root,
-                      threads=zruntime.per_task_threads("teachers", params).get(name))
+    run_stage_command(
+        "teachers", cli, name, layout.root, threads=zruntime.per_task_threads("teachers", params).get(name)
+    )
     acc = json.loads(layout.teacher_metrics.read_text())[name]["val_acc"]
     return _done("teachers", params, layout, name, val_acc=acc)
 
@@ -147,8 +157,10 @@ def table_rows(rows: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _progress_text(done: Mapping[str, list[int]], total: int) -> str:
-    return (f"zipper: {sum(map(len, done.values()))}/{total} depth steps; "
-            f"calibrated depths {sorted(done['zip']) or '-'}, evaluated depths {sorted(done['evaluate']) or '-'}")
+    return (
+        f"zipper: {sum(map(len, done.values()))}/{total} depth steps; "
+        f"calibrated depths {sorted(done['zip']) or '-'}, evaluated depths {sorted(done['evaluate']) or '-'}"
+    )
 
 
 def flow_run_name() -> str:
@@ -159,10 +171,16 @@ def flow_run_name() -> str:
     return f"zipper-{root.name}-{flow_run.scheduled_start_time:%Y%m%d-%H%M%S}"
 
 
-@flow(name=FLOW_NAME, flow_run_name=flow_run_name, task_runner=default_task_runner(), validate_parameters=True,
-      description="Zipper two or more same-architecture CNNs into one multi-task network, depth by depth.")
-def zipper_pipeline(params_path: str = "params.yaml", root: str = ".",
-                    overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+@flow(
+    name=FLOW_NAME,
+    flow_run_name=flow_run_name,
+    task_runner=default_task_runner(),
+    validate_parameters=True,
+    description="Zipper two or more same-architecture CNNs into one multi-task network, depth by depth.",
+)
+def zipper_pipeline(
+    params_path: str = "params.yaml", root: str = ".", overrides: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """data -> teachers -> features per task (parallel); zip 0..L in order; evaluate each depth as soon
     as it exists; report; register. `overrides`: dotted params keys, as `zipper <stage> --set`."""
     params = load_params(params_path, overrides or {})
@@ -191,45 +209,68 @@ def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str,
     depths = [0, *params.zipper.depths]
 
     # A sync flow: Prefect's async_dispatch runs the sync version, which returns the artifact's id.
-    progress = cast(UUID, create_progress_artifact(0.0, key="zipper-progress",
-                                                   description=f"zipper: calibrate and evaluate depths {depths}"))
+    progress = cast(
+        UUID,
+        create_progress_artifact(
+            0.0, key="zipper-progress", description=f"zipper: calibrate and evaluate depths {depths}"
+        ),
+    )
     data = {n: data_t.submit(params, layout, n) for n in params.tasks}
-    teachers = {n: submit(teachers_t, params, layout, n, cli, wait_for=[data[n]], resources=gpu["teachers"])
-                for n in params.tasks}
+    teachers = {
+        n: submit(teachers_t, params, layout, n, cli, wait_for=[data[n]], resources=gpu["teachers"])
+        for n in params.tasks
+    }
     # return_state=False is Prefect's default; its overloads want it spelled out next to wait_for.
-    features = {n: features_t.submit(params, layout, n, wait_for=[teachers[n]], return_state=False)
-                for n in params.tasks}
+    features = {
+        n: features_t.submit(params, layout, n, wait_for=[teachers[n]], return_state=False) for n in params.tasks
+    }
     zips: dict[int, PrefectFuture] = {}
     evals: dict[int, PrefectFuture] = {}
     for d in depths:
         after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
         zips[d] = submit(zip_t, params, layout, d, cli, wait_for=after, resources=gpu["zip"])
         side = [evals[0]] if d else []  # depth d > 0 reads the teachers' side measured at depth 0
-        evals[d] = evaluate_t.submit(params, layout, d, wait_for=[zips[d], *teachers.values(), *side],
-                                     return_state=False)
+        evals[d] = evaluate_t.submit(
+            params, layout, d, wait_for=[zips[d], *teachers.values(), *side], return_state=False
+        )
     report = report_t.submit(params, layout, wait_for=list(evals.values()), return_state=False)
     register = register_t.submit(params, layout, wait_for=[report, *zips.values()], return_state=False)
 
     # Progress over depths, as the chain and the evaluations finish (in whatever order they do).
-    which = {**{f.task_run_id: ("zip", d) for d, f in zips.items()},
-             **{f.task_run_id: ("evaluate", d) for d, f in evals.items()}}
+    which = {
+        **{f.task_run_id: ("zip", d) for d, f in zips.items()},
+        **{f.task_run_id: ("evaluate", d) for d, f in evals.items()},
+    }
     done: dict[str, list[int]] = {"zip": [], "evaluate": []}
     for fut in as_completed([*zips.values(), *evals.values()]):
         fut.wait()  # sets the future's final state from the task run itself, not from the API's (lagging) copy
         if fut.state.is_completed():
             stage, d = which[fut.task_run_id]
             done[stage].append(d)
-        update_progress_artifact(progress, 100.0 * sum(map(len, done.values())) / (2 * len(depths)),
-                                 description=_progress_text(done, 2 * len(depths)))
-    ordered = [*data.values(), *teachers.values(), *features.values(), *(zips[d] for d in depths),
-               *(evals[d] for d in depths), report, register]
+        update_progress_artifact(
+            progress,
+            100.0 * sum(map(len, done.values())) / (2 * len(depths)),
+            description=_progress_text(done, 2 * len(depths)),
+        )
+    ordered = [
+        *data.values(),
+        *teachers.values(),
+        *features.values(),
+        *(zips[d] for d in depths),
+        *(evals[d] for d in depths),
+        report,
+        register,
+    ]
     for fut in ordered:
         fut.wait()
 
     rows = [evals[d].result()["row"] for d in depths if evals[d].state.is_completed()]
     if rows:
-        create_table_artifact(table_rows(rows), key="zipper-depths",
-                              description=f"zipper: per-depth results ({len(rows)}/{len(depths)} depths)")
+        create_table_artifact(
+            table_rows(rows),
+            key="zipper-depths",
+            description=f"zipper: per-depth results ({len(rows)}/{len(depths)} depths)",
+        )
     failed = next((f for f in ordered if f.state.is_failed() or f.state.is_crashed()), None)
     if failed is not None:
         failed.result()  # raises the stage's own exception: the flow run fails with it
@@ -242,37 +283,59 @@ def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str,
     create_markdown_artifact(
         f"# zipper report\n\n{markdown}\n\nMLflow: `{summary.get('tracking_uri')}`, registered model "
         f"`{summary.get('registered_model')}`, parent run `{summary.get('parent_run_id')}`\n",
-        key="zipper-report", description="zipper: per-depth accuracy, size and speed (reports/table.md)")
+        key="zipper-report",
+        description="zipper: per-depth accuracy, size and speed (reports/table.md)",
+    )
     return {"root": str(layout.root), "depths": rows, "register": summary}
 
 
 # ------------------------------------------------------------------------------- command line
-def _flow_parameters(params_path: str | os.PathLike, root: str | os.PathLike,
-                     overrides: Mapping[str, Any] | None) -> dict[str, Any]:
-    return {"params_path": str(Path(params_path).resolve()), "root": str(Path(root).resolve()),
-            "overrides": dict(overrides or {})}
+def _flow_parameters(
+    params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    return {
+        "params_path": str(Path(params_path).resolve()),
+        "root": str(Path(root).resolve()),
+        "overrides": dict(overrides or {}),
+    }
 
 
-def run(params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None,
-        runner: str = "thread", dask_address: str | None = None) -> dict[str, Any]:
+def run(
+    params_path: str | os.PathLike,
+    root: str | os.PathLike,
+    overrides: Mapping[str, Any] | None,
+    runner: str = "thread",
+    dask_address: str | None = None,
+) -> dict[str, Any]:
     """`zipper flow run`: the flow, now, on the thread pool or on Dask (LocalCluster or `dask_address`)."""
     pipeline = zipper_pipeline.with_options(task_runner=make_task_runner(runner, dask_address))
     return pipeline(**_flow_parameters(params_path, root, overrides))
 
 
-def deployment_options(params_path: str | os.PathLike, root: str | os.PathLike,
-                       overrides: Mapping[str, Any] | None, cron: str, name: str) -> dict[str, Any]:
+def deployment_options(
+    params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None, cron: str, name: str
+) -> dict[str, Any]:
     """What `serve` gives `Flow.serve` (and a test `Flow.to_deployment`): name, schedule, parameters."""
     from prefect.deployments.runner import EntrypointType
 
     # By module path: the served runs import zipper.flows.pipeline from the installed package, wherever
     # `zipper flow serve` was started (a file path would be relative to that directory).
-    return {"name": name, "cron": cron, "parameters": _flow_parameters(params_path, root, overrides),
-            "tags": ["zipper"], "description": f"zipper pipeline on {Path(root).resolve()}, cron {cron!r}",
-            "entrypoint_type": EntrypointType.MODULE_PATH}
+    return {
+        "name": name,
+        "cron": cron,
+        "parameters": _flow_parameters(params_path, root, overrides),
+        "tags": ["zipper"],
+        "description": f"zipper pipeline on {Path(root).resolve()}, cron {cron!r}",
+        "entrypoint_type": EntrypointType.MODULE_PATH,
+    }
 
 
-def serve(params_path: str | os.PathLike, root: str | os.PathLike, overrides: Mapping[str, Any] | None,
-          cron: str, name: str = "zipper-scheduled") -> None:
+def serve(
+    params_path: str | os.PathLike,
+    root: str | os.PathLike,
+    overrides: Mapping[str, Any] | None,
+    cron: str,
+    name: str = "zipper-scheduled",
+) -> None:
     """`zipper flow serve`: register a deployment with this schedule and parameters, run its runs here."""
     zipper_pipeline.serve(**deployment_options(params_path, root, overrides, cron, name))

@@ -1,5 +1,6 @@
 """Where the flow's tasks run: a thread pool, or Dask (a LocalCluster on the loopback interface, or a
 cluster's scheduler), with GPU worker resources for the data-parallel stages."""
+
 from __future__ import annotations
 
 import logging
@@ -67,11 +68,17 @@ def check_gpu_workers(task_runner: Any, resources: Mapping[str, float]) -> None:
         return
     want = ",".join(f"{k}={v:g}" for k, v in resources.items())
     if isinstance(getattr(client, "cluster", None), distributed.LocalCluster):
-        raise ValueError(f"runtime.device asks the teachers and zip tasks for Dask resources {want}, but this "
-                         f"machine's LocalCluster has no such worker (CUDA devices visible: {_visible_gpus()}); "
-                         "set runtime.device to auto or cpu, lower runtime.nproc_per_node, or use --dask-address")
-    log.warning("no worker of the Dask cluster declares %s yet: the teachers and zip tasks wait for one "
-                "(start it with `dask worker ADDRESS --nthreads 1 --resources %s`)", want, want)
+        raise ValueError(
+            f"runtime.device asks the teachers and zip tasks for Dask resources {want}, but this "
+            f"machine's LocalCluster has no such worker (CUDA devices visible: {_visible_gpus()}); "
+            "set runtime.device to auto or cpu, lower runtime.nproc_per_node, or use --dask-address"
+        )
+    log.warning(
+        "no worker of the Dask cluster declares %s yet: the teachers and zip tasks wait for one "
+        "(start it with `dask worker ADDRESS --nthreads 1 --resources %s`)",
+        want,
+        want,
+    )
 
 
 def _visible_gpus() -> int:
@@ -80,8 +87,14 @@ def _visible_gpus() -> int:
     return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-def make_task_runner(runner: str = "thread", dask_address: str | None = None, *, n_workers: int | None = None,
-                     processes: bool = True, gpus: int | None = None):
+def make_task_runner(
+    runner: str = "thread",
+    dask_address: str | None = None,
+    *,
+    n_workers: int | None = None,
+    processes: bool = True,
+    gpus: int | None = None,
+):
     """`thread`: a thread pool in this process. `dask`: an existing scheduler at `dask_address`, or a
     LocalCluster of `n_workers` single-threaded worker processes (torch parallelises inside each).
 
@@ -101,8 +114,13 @@ def make_task_runner(runner: str = "thread", dask_address: str | None = None, *,
         return DaskTaskRunner(address=dask_address)
     n = n_workers if n_workers is not None else max(1, min(4, os.cpu_count() or 1))
     gpus = _visible_gpus() if gpus is None else gpus
-    cluster_kwargs: dict[str, Any] = {"n_workers": n, "threads_per_worker": 1, "processes": processes,
-                                      "host": LOOPBACK, "dashboard_address": f"{LOOPBACK}:{DASHBOARD_PORT}"}
+    cluster_kwargs: dict[str, Any] = {
+        "n_workers": n,
+        "threads_per_worker": 1,
+        "processes": processes,
+        "host": LOOPBACK,
+        "dashboard_address": f"{LOOPBACK}:{DASHBOARD_PORT}",
+    }
     if gpus:
         cluster_kwargs["resources"] = {"GPU": gpus}
     return DaskTaskRunner(cluster_class="distributed.LocalCluster", cluster_kwargs=cluster_kwargs)
@@ -110,5 +128,6 @@ def make_task_runner(runner: str = "thread", dask_address: str | None = None, *,
 
 def default_task_runner():
     """Deployments pick their runner from the environment (prefect.yaml job_variables)."""
-    return make_task_runner(os.environ.get("ZIPPER_TASK_RUNNER", "thread"),
-                            os.environ.get("ZIPPER_DASK_ADDRESS") or None)
+    return make_task_runner(
+        os.environ.get("ZIPPER_TASK_RUNNER", "thread"), os.environ.get("ZIPPER_DASK_ADDRESS") or None
+    )

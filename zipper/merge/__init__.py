@@ -1,4 +1,5 @@
 """Merging teachers into a ZipperNet: `zip_models` (from teachers) and `deepen` (the chain step)."""
+
 from __future__ import annotations
 
 from typing import Iterable, Mapping
@@ -12,8 +13,14 @@ from .zipnet import SCOPES, ZipperNet, ZipperSpec, deepen, export_onnx, load, si
 INITS = ("average", "weights", "activations")
 
 
-def zip_models(teachers: Mapping[str, Backbone], depth: int, *, scope: str = "block",
-               init: str = "average", batches: Iterable[object] | None = None) -> ZipperNet:
+def zip_models(
+    teachers: Mapping[str, Backbone],
+    depth: int,
+    *,
+    scope: str = "block",
+    init: str = "average",
+    batches: Iterable[object] | None = None,
+) -> ZipperNet:
     """Zip same-arch teachers at `depth`: blocks[:depth] shared, initialised by `init`.
 
     init "weights" / "activations" first permute every teacher's channels to match the first
@@ -26,5 +33,16 @@ def zip_models(teachers: Mapping[str, Backbone], depth: int, *, scope: str = "bl
     return deepen_aligned(side_by_side(teachers, scope), depth, init, batches=batches)
 
 
-__all__ = ["INITS", "SCOPES", "export_onnx", "ZipperNet", "ZipperSpec", "align_models", "deepen", "deepen_aligned",
-           "load", "side_by_side", "zip_models"]
+__all__ = [
+    "INITS",
+    "SCOPES",
+    "export_onnx",
+    "ZipperNet",
+    "ZipperSpec",
+    "align_models",
+    "deepen",
+    "deepen_aligned",
+    "load",
+    "side_by_side",
+    "zip_models",
+]

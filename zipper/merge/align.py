@@ -30,6 +30,7 @@ How the walk assigns axes (the MobileNet rules, stated generically):
 Groups created in the head are never aligned (heads stay per task and are never averaged)
 but may be permuted (function preserved), which the tests use.
 """
+
 from __future__ import annotations
 
 import copy
@@ -73,8 +74,11 @@ class PermSpec:
     def free(self, start_block: int = 0) -> list[str]:
         """Groups alignment may move: created at or after block `start_block` (the stem too when
         `start_block == 0`), never in the head."""
-        return [n for n, g in self.groups.items()
-                if g.position < self.num_blocks and (start_block == 0 or g.position >= start_block)]
+        return [
+            n
+            for n, g in self.groups.items()
+            if g.position < self.num_blocks and (start_block == 0 or g.position >= start_block)
+        ]
 
     def axes_by_key(self) -> dict[str, list[tuple[int, str]]]:
         out: dict[str, list[tuple[int, str]]] = {}
@@ -98,13 +102,16 @@ class _Walker:
         layers = [n for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
         self.final = layers[-1] if layers else None  # class outputs never permute
 
-    def _add(self, group: str | None, module: str, param: nn.Parameter | torch.Tensor | None,
-             attr: str, axis: int) -> None:
+    def _add(
+        self, group: str | None, module: str, param: nn.Parameter | torch.Tensor | None, attr: str, axis: int
+    ) -> None:
         if group is None or param is None:
             return
         if param.shape[axis] != self.groups[group].size:
-            raise ValueError(f"{module}.{attr}: axis {axis} has {param.shape[axis]} channels, "
-                             f"but its group {group!r} has {self.groups[group].size}")
+            raise ValueError(
+                f"{module}.{attr}: axis {axis} has {param.shape[axis]} channels, "
+                f"but its group {group!r} has {self.groups[group].size}"
+            )
         self.groups[group].axes.append((f"{module}.{attr}", axis))
 
     def _new(self, name: str, size: int, position: int, tap: str) -> str:
@@ -135,10 +142,11 @@ class _Walker:
                 self.current = self._new(name, m.out_features, position, name)
                 self._add(self.current, name, m.weight, "weight", 0)
                 self._add(self.current, name, m.bias, "bias", 0)
-        elif any(True for _ in m.parameters(recurse=False)) or any(
-                b is not None for b in m._buffers.values()):
-            raise ValueError(f"alignment: layer {name!r} ({type(m).__name__}) holds weights "
-                             "the permutation walk does not know how to permute")
+        elif any(True for _ in m.parameters(recurse=False)) or any(b is not None for b in m._buffers.values()):
+            raise ValueError(
+                f"alignment: layer {name!r} ({type(m).__name__}) holds weights "
+                "the permutation walk does not know how to permute"
+            )
         else:
             for child, sub in m.named_children():
                 self.visit(f"{name}.{child}", sub, position)
@@ -157,8 +165,10 @@ class _Walker:
             self._add(self.current, name, m.weight, "weight", 0)
             self._add(self.current, name, m.bias, "bias", 0)
         else:
-            raise ValueError(f"alignment: grouped conv {name!r} (groups={m.groups}, {m.in_channels}->"
-                             f"{m.out_channels}) is neither dense nor depthwise")
+            raise ValueError(
+                f"alignment: grouped conv {name!r} (groups={m.groups}, {m.in_channels}->"
+                f"{m.out_channels}) is neither dense nor depthwise"
+            )
 
     def squeeze_excitation(self, name: str, m: nn.Module, position: int) -> None:
         # x * gate(fc2(act(fc1(pool(x))))): fc1 reads x's channels, fc2 writes x's channels.
@@ -191,8 +201,7 @@ class _Walker:
             self.current = None
             return
         if out.size != self.groups[g_in].size:
-            raise ValueError(f"alignment: residual block {name!r} maps {self.groups[g_in].size} "
-                             f"channels to {out.size}")
+            raise ValueError(f"alignment: residual block {name!r} maps {self.groups[g_in].size} channels to {out.size}")
         self.groups[g_in].axes += out.axes
         self.groups[g_in].taps += out.taps + [name]
         self.current = g_in
@@ -219,8 +228,10 @@ def _apply_(model: nn.Module, spec: PermSpec, perms: Perms) -> None:
     """Permute `model` in place (tensors written in place: modules tied elsewhere change too)."""
     for name, perm in perms.items():
         if name not in spec.groups:
-            raise KeyError(f"no channel group {name!r} in {getattr(model, 'arch', type(model).__name__)}; "
-                           f"groups: {', '.join(spec.groups)}")
+            raise KeyError(
+                f"no channel group {name!r} in {getattr(model, 'arch', type(model).__name__)}; "
+                f"groups: {', '.join(spec.groups)}"
+            )
         group = spec.groups[name]
         perm = torch.as_tensor(perm, dtype=torch.long)
         if sorted(perm.tolist()) != list(range(group.size)):
@@ -237,8 +248,9 @@ def permute_model(model: Backbone, perms: Perms, *, spec: PermSpec | None = None
     return new
 
 
-def random_permutations(model: Backbone, *, generator: torch.Generator | None = None,
-                        start_block: int = 0, include_head: bool = False) -> Perms:
+def random_permutations(
+    model: Backbone, *, generator: torch.Generator | None = None, start_block: int = 0, include_head: bool = False
+) -> Perms:
     """Random permutations of the groups alignment may move (and the head's, if asked)."""
     spec = permutation_spec(model)
     names = list(spec.groups) if include_head else spec.free(start_block)
@@ -246,6 +258,7 @@ def random_permutations(model: Backbone, *, generator: torch.Generator | None = 
 
 
 # ----------------------------------------------------------------------------- matching
+
 
 def _lsa(cost: torch.Tensor) -> torch.Tensor:
     from scipy.optimize import linear_sum_assignment  # here: scipy's import costs every stage half a second
@@ -270,8 +283,9 @@ def _one_thread() -> Iterator[None]:
             torch.set_num_threads(n)
 
 
-def _weight_matching(ref: nn.Module, other: nn.Module, spec: PermSpec, free: list[str],
-                     max_iter: int, seed: int) -> Perms:
+def _weight_matching(
+    ref: nn.Module, other: nn.Module, spec: PermSpec, free: list[str], max_iter: int, seed: int
+) -> Perms:
     """Git Re-Basin weight matching: maximise sum_layers <W_ref, P W_other Q^T> over the groups'
     permutations. Coordinate ascent: each step solves one group's linear assignment with every
     other group held fixed; sweeps in a seeded random order until a sweep changes nothing.
@@ -280,7 +294,7 @@ def _weight_matching(ref: nn.Module, other: nn.Module, spec: PermSpec, free: lis
     are already matched (layer-wise matching, as in OT fusion): from the identity start, coordinate
     ascent alone gets stuck even on a shuffled copy of the same net (MobileNetV2)."""
     by_key = spec.axes_by_key()
-    used = lambda key: not key.startswith("head.") and not key.endswith(_STAT_SUFFIXES)  # noqa: E731
+    used = lambda key: not key.startswith("head.") and not key.endswith(_STAT_SUFFIXES)
     keys = {k for n in free for k, _ in spec.groups[n].axes if used(k)}
     wa = {k: _tensor(ref, k).detach().cpu().double() for k in keys}
     wb = {k: _tensor(other, k).detach().cpu().double() for k in keys}
@@ -351,9 +365,14 @@ def _as_rows(t: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _activation_matching(models: Sequence[nn.Module], spec: PermSpec, free: list[str],
-                         batches: Iterable[object], run: Callable[[torch.Tensor], object],
-                         max_batches: int | None) -> list[Perms]:
+def _activation_matching(
+    models: Sequence[nn.Module],
+    spec: PermSpec,
+    free: list[str],
+    batches: Iterable[object],
+    run: Callable[[torch.Tensor], object],
+    max_batches: int | None,
+) -> list[Perms]:
     """Per group, the correlation between model 0's and model j's channels (summed over the
     group's taps), then the assignment maximising total correlation."""
     taps = sorted({t for n in free for t in spec.groups[n].taps})
@@ -362,8 +381,11 @@ def _activation_matching(models: Sequence[nn.Module], spec: PermSpec, free: list
     for i, m in enumerate(models):
         for t in taps:
             # clone: the next layer may be an in-place activation
-            handles.append(m.get_submodule(t).register_forward_hook(
-                lambda _m, _inp, out, i=i, t=t: feats[i].__setitem__(t, out.detach().clone())))
+            handles.append(
+                m.get_submodule(t).register_forward_hook(
+                    lambda _m, _inp, out, i=i, t=t: feats[i].__setitem__(t, out.detach().clone())
+                )
+            )
     # per model j >= 1 and tap: n, sum a, sum b, sum a^2, sum b^2, sum a b^T
     stats: list[dict[str, list]] = [{} for _ in models]
     shifts: list[dict[str, tuple[torch.Tensor, torch.Tensor]]] = [{} for _ in models]
@@ -419,13 +441,22 @@ def _check_specs(models: Sequence[nn.Module], spec: PermSpec, free: list[str]) -
                 except AttributeError as e:
                     raise ValueError(f"model {j} has no {key!r} (model 0 does)") from e
                 if t.shape[axis] != r.shape[axis] or (not key.startswith("head.") and t.shape != r.shape):
-                    raise ValueError(f"models differ at {key!r}: model 0 has shape {tuple(r.shape)}, "
-                                     f"model {j} has {tuple(t.shape)}")
+                    raise ValueError(
+                        f"models differ at {key!r}: model 0 has shape {tuple(r.shape)}, model {j} has {tuple(t.shape)}"
+                    )
 
 
-def find_permutations(models: Sequence[Backbone], method: str = "weights", *, batches: Iterable[object] | None = None,
-                      start_block: int = 0, max_iter: int = 100, seed: int = 0, max_batches: int | None = 20,
-                      run: Callable[[torch.Tensor], object] | None = None) -> list[Perms]:
+def find_permutations(
+    models: Sequence[Backbone],
+    method: str = "weights",
+    *,
+    batches: Iterable[object] | None = None,
+    start_block: int = 0,
+    max_iter: int = 100,
+    seed: int = 0,
+    max_batches: int | None = 20,
+    run: Callable[[torch.Tensor], object] | None = None,
+) -> list[Perms]:
     """Per model, the permutations (group name -> index tensor) that align it to `models[0]`
     (identities for `models[0]`). Only groups created at or after `start_block` move.
 
@@ -443,7 +474,8 @@ def find_permutations(models: Sequence[Backbone], method: str = "weights", *, ba
     _check_specs(models, spec, free)
     if method == "weights":
         return [{n: torch.arange(spec.groups[n].size) for n in free}] + [
-            _weight_matching(models[0], m, spec, free, max_iter, seed) for m in models[1:]]
+            _weight_matching(models[0], m, spec, free, max_iter, seed) for m in models[1:]
+        ]
     if batches is None:
         raise ValueError("alignment method 'activations' needs calibration batches (batches=...)")
     was_training = [m.training for m in models]
@@ -452,15 +484,16 @@ def find_permutations(models: Sequence[Backbone], method: str = "weights", *, ba
     try:
         if run is None:
             device = next(models[0].parameters()).device
-            run = lambda x: [m(x.to(device)) for m in models]  # noqa: E731
+            run = lambda x: [m(x.to(device)) for m in models]
         return _activation_matching(models, spec, free, batches, run, max_batches)
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
 
 
-def align_models(models: Sequence[Backbone], method: str, *, batches: Iterable[object] | None = None,
-                 start_block: int = 0, **kwargs) -> list[Backbone]:
+def align_models(
+    models: Sequence[Backbone], method: str, *, batches: Iterable[object] | None = None, start_block: int = 0, **kwargs
+) -> list[Backbone]:
     """Copies of `models`, each permuted to match `models[0]` (returned as a copy, unchanged);
     every copy computes exactly what its input did. `kwargs` go to `find_permutations`.
 
@@ -481,7 +514,7 @@ def align_branches_(net: ZipperNet, method: str, *, batches: Iterable[object] | 
     run = None
     if method == "activations":
         device = next(net.parameters()).device
-        run = lambda x: net(x.to(device))  # noqa: E731
+        run = lambda x: net(x.to(device))
         net.eval()
     try:
         perms = find_permutations(branches, method, batches=batches, start_block=net.depth, run=run, **kwargs)
@@ -503,8 +536,9 @@ def align_branches_(net: ZipperNet, method: str, *, batches: Iterable[object] | 
     return net
 
 
-def deepen_aligned(net: ZipperNet, depth: int, method: str = "weights", *,
-                   batches: Iterable[object] | None = None, **kwargs) -> ZipperNet:
+def deepen_aligned(
+    net: ZipperNet, depth: int, method: str = "weights", *, batches: Iterable[object] | None = None, **kwargs
+) -> ZipperNet:
     """The chain step with alignment: align a copy of `net`'s branches from block `net.depth` on,
     then average blocks [net.depth, depth) into the trunk (`deepen`). `net` is left unchanged.
     method "average" is plain `deepen`."""
@@ -517,5 +551,15 @@ def deepen_aligned(net: ZipperNet, depth: int, method: str = "weights", *,
     return deepen(align_branches_(copy.deepcopy(net), method, batches=batches, **kwargs), depth)
 
 
-__all__ = ["METHODS", "Group", "PermSpec", "align_branches_", "align_models", "deepen_aligned",
-           "find_permutations", "permutation_spec", "permute_model", "random_permutations"]
+__all__ = [
+    "METHODS",
+    "Group",
+    "PermSpec",
+    "align_branches_",
+    "align_models",
+    "deepen_aligned",
+    "find_permutations",
+    "permutation_spec",
+    "permute_model",
+    "random_permutations",
+]

@@ -1,4 +1,5 @@
 """Re-estimate BatchNorm running statistics after merging (averaged stats describe no real stream)."""
+
 from __future__ import annotations
 
 from typing import Any, Callable, Iterable
@@ -8,8 +9,9 @@ from torch import nn
 
 
 @torch.no_grad()
-def reset_bn_stats(model: nn.Module, batches: Iterable[object], forward: Callable[[Any], object] | None = None,
-                   max_batches: int = 20) -> int:
+def reset_bn_stats(
+    model: nn.Module, batches: Iterable[object], forward: Callable[[Any], object] | None = None, max_batches: int = 20
+) -> int:
     """Reset every BN's running stats and re-estimate them (cumulative average) on `batches`.
 
     `forward(batch)` runs the model on one batch (default: `model(batch)`). Returns the batch count.

@@ -9,6 +9,7 @@ merging is a mapping between state_dict keys.
   pointwise convs of blocks[:depth] are one module shared by all branches (their BatchNorms
   stay per task, since each stream has its own statistics).
 """
+
 from __future__ import annotations
 
 import os
@@ -111,8 +112,9 @@ class ZipperNet(nn.Module):
             raise KeyError(f"unknown task {task!r}; this ZipperNet has {self.spec.task_names}")
         return cast(Backbone, self.branches[task])
 
-    def forward_intermediates(self, x: torch.Tensor, tasks: Iterable[str] | None = None
-                              ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    def forward_intermediates(
+        self, x: torch.Tensor, tasks: Iterable[str] | None = None
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """Logits per task and, per task, its pointwise taps under the teachers' names (trunk taps shared)."""
         tasks = list(tasks or self.spec.task_names)
         trunk_feats: dict[str, torch.Tensor] = {}
@@ -126,8 +128,9 @@ class ZipperNet(nn.Module):
             logits = self.forward_tasks(x, tasks)
         return logits, {t: {**trunk_feats, **branch_feats[t]} for t in tasks}
 
-    def forward_per_task(self, inputs: Mapping[str, torch.Tensor]
-                         ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
+    def forward_per_task(
+        self, inputs: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, torch.Tensor]]]:
         """Logits and pointwise taps per task, each task on its own images (calibration).
 
         The trunk runs once on all tasks' images together: at inference its BatchNorms normalise
@@ -158,8 +161,16 @@ class ZipperNet(nn.Module):
 
     def save(self, path: str | os.PathLike, **provenance: object) -> None:
         """One file: spec + state_dict + tap orders (+ what made it), written atomically."""
-        save_torch({"format": FORMAT, "spec": spec_to_dict(self.spec), "state_dict": cpu_state(self),
-                    "tap_orders": self.tap_orders, "provenance": dict(provenance)}, path)
+        save_torch(
+            {
+                "format": FORMAT,
+                "spec": spec_to_dict(self.spec),
+                "state_dict": cpu_state(self),
+                "tap_orders": self.tap_orders,
+                "provenance": dict(provenance),
+            },
+            path,
+        )
 
     def export_onnx(self, path: str | os.PathLike) -> None:
         export_onnx(self, path)
@@ -181,9 +192,16 @@ def export_onnx(net: ZipperNet, path: str | os.PathLike, *, opset: int = 17) -> 
     """Export to ONNX: input `images` (N, 3, S, S) with a dynamic batch, one output per task, named by task."""
     size = net.spec.input_size
     with atomic_path(path) as tmp:
-        torch.onnx.export(_TaskTuple(net).eval(), (torch.randn(1, 3, size, size),), str(tmp), input_names=["images"],
-                          output_names=net.spec.task_names, opset_version=opset, dynamo=False,
-                          dynamic_axes={"images": {0: "batch"}, **{t: {0: "batch"} for t in net.spec.task_names}})
+        torch.onnx.export(
+            _TaskTuple(net).eval(),
+            (torch.randn(1, 3, size, size),),
+            str(tmp),
+            input_names=["images"],
+            output_names=net.spec.task_names,
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={"images": {0: "batch"}, **{t: {0: "batch"} for t in net.spec.task_names}},
+        )
 
 
 def spec_to_dict(spec: ZipperSpec) -> dict:
@@ -217,18 +235,23 @@ def _check_tap_orders(net: ZipperNet, orders: Mapping, path: str | os.PathLike) 
             if tap not in channels:
                 raise ValueError(f"{path}: tap_orders[{task!r}] names layer {tap!r}, not a pointwise tap of this net")
             n = channels[tap]
-            if not (isinstance(order, torch.Tensor) and order.dtype == torch.long
-                    and torch.equal(order.sort().values, torch.arange(n))):
-                raise ValueError(f"{path}: tap_orders[{task!r}][{tap!r}] "
-                                 f"is not a permutation of the layer's {n} channels")
+            if not (
+                isinstance(order, torch.Tensor)
+                and order.dtype == torch.long
+                and torch.equal(order.sort().values, torch.arange(n))
+            ):
+                raise ValueError(
+                    f"{path}: tap_orders[{task!r}][{tap!r}] is not a permutation of the layer's {n} channels"
+                )
 
 
 def side_by_side(teachers: Mapping[str, Backbone], scope: str = "block") -> ZipperNet:
     """Depth 0: the teachers exactly, as branches of one ZipperNet."""
     check_compatible(teachers)
     first = next(iter(teachers.values()))
-    spec = ZipperSpec(first.arch, tuple((t, m.num_classes) for t, m in teachers.items()), 0, scope,
-                      first.width, first.input_size)
+    spec = ZipperSpec(
+        first.arch, tuple((t, m.num_classes) for t, m in teachers.items()), 0, scope, first.width, first.input_size
+    )
     net = ZipperNet(spec)
     for t, m in teachers.items():
         net.branches[t].load_state_dict(m.state_dict())
@@ -243,8 +266,10 @@ def check_compatible(teachers: Mapping[str, nn.Module]) -> None:
     ref = m0.state_dict()
     for t, m in rest:
         if getattr(m, "arch", None) != getattr(m0, "arch", None):
-            raise ValueError(f"teachers differ in architecture: {t0!r} is {getattr(m0, 'arch', type(m0).__name__)}, "
-                             f"{t!r} is {getattr(m, 'arch', type(m).__name__)}")
+            raise ValueError(
+                f"teachers differ in architecture: {t0!r} is {getattr(m0, 'arch', type(m0).__name__)}, "
+                f"{t!r} is {getattr(m, 'arch', type(m).__name__)}"
+            )
         sd = m.state_dict()
         for key, value in ref.items():
             if key.startswith("head."):
@@ -252,8 +277,10 @@ def check_compatible(teachers: Mapping[str, nn.Module]) -> None:
             if key not in sd:
                 raise ValueError(f"teacher {t!r} has no parameter {key!r} (teacher {t0!r} does)")
             if sd[key].shape != value.shape:
-                raise ValueError(f"teachers differ at parameter {key!r}: {t0!r} has shape {tuple(value.shape)}, "
-                                 f"{t!r} has {tuple(sd[key].shape)}")
+                raise ValueError(
+                    f"teachers differ at parameter {key!r}: {t0!r} has shape {tuple(value.shape)}, "
+                    f"{t!r} has {tuple(sd[key].shape)}"
+                )
 
 
 def deepen(net: ZipperNet, depth: int) -> ZipperNet:

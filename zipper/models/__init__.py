@@ -1,4 +1,5 @@
 """Architecture registry: name -> builder(num_classes, *, width, input_size) -> Backbone."""
+
 from __future__ import annotations
 
 from typing import Callable

@@ -4,6 +4,7 @@ Zippering counts `blocks`; merging and distillation need to see inside them, so 
 also names its pointwise taps: the BatchNorm right after every 1x1, non-grouped conv of a
 block (what the paper's per-layer L1 loss compares).
 """
+
 from __future__ import annotations
 
 from contextlib import contextmanager
@@ -16,8 +17,17 @@ from torch import nn
 class Backbone(nn.Module):
     """`stem -> blocks[0..L-1] -> head`. Shared positions may be `nn.Identity` (see ZipperNet)."""
 
-    def __init__(self, arch: str, stem: nn.Module, blocks: Sequence[nn.Module], head: nn.Module,
-                 *, num_classes: int, width: float, input_size: int) -> None:
+    def __init__(
+        self,
+        arch: str,
+        stem: nn.Module,
+        blocks: Sequence[nn.Module],
+        head: nn.Module,
+        *,
+        num_classes: int,
+        width: float,
+        input_size: int,
+    ) -> None:
         super().__init__()
         self.arch, self.num_classes, self.width, self.input_size = arch, num_classes, width, input_size
         self.stem = stem

@@ -1,4 +1,5 @@
 """MobileNetV1 (Howard et al. 2017) as in the zippering paper: 13 depthwise-separable blocks."""
+
 from __future__ import annotations
 
 from torch import nn
@@ -7,8 +8,19 @@ from .base import Backbone
 
 # (output channels, stride) of the 13 blocks at width 1.0.
 V1_BLOCKS: tuple[tuple[int, int], ...] = (
-    (64, 1), (128, 2), (128, 1), (256, 2), (256, 1), (512, 2),
-    (512, 1), (512, 1), (512, 1), (512, 1), (512, 1), (1024, 2), (1024, 1),
+    (64, 1),
+    (128, 2),
+    (128, 1),
+    (256, 2),
+    (256, 1),
+    (512, 2),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (512, 1),
+    (1024, 2),
+    (1024, 1),
 )
 STEM_CHANNELS = 32
 # Below this input size the stem keeps the resolution (CIFAR-style), so 32 px still ends at 2x2.
@@ -18,8 +30,11 @@ SMALL_INPUT = 96
 def conv_bn_relu(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1) -> nn.Sequential:
     """Conv (no bias, 'same' padding) - BatchNorm - ReLU, with the module names of torchvision's
     Conv2dNormActivation (0, 1, 2), so checkpoints of either load into the other."""
-    return nn.Sequential(nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
-                         nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, kernel, stride, (kernel - 1) // 2, groups=groups, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
 
 
 def divisible_channels(c: float, divisor: int = 8) -> int:
@@ -38,7 +53,7 @@ class DepthwiseSeparable(nn.Sequential):
 
 
 def mobilenet_v1(num_classes: int, *, width: float = 1.0, input_size: int = 224) -> Backbone:
-    channels = lambda c: divisible_channels(c * width)  # noqa: E731
+    channels = lambda c: divisible_channels(c * width)
     cin = channels(STEM_CHANNELS)
     stem = conv_bn_relu(3, cin, 3, stride=1 if input_size < SMALL_INPUT else 2)
     blocks = []

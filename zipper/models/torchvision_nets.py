@@ -1,4 +1,5 @@
 """torchvision's MobileNetV2/V3 seen as stem / blocks / head (the inverted-residual blocks are zipper's blocks)."""
+
 from __future__ import annotations
 
 from typing import Callable, cast
@@ -12,8 +13,9 @@ def _adapt(arch: str, net: nn.Module, num_classes: int, width: float, input_size
     # torchvision: features[0] is the stem conv, features[-1] the last 1x1 conv; in between the blocks.
     features = list(cast(nn.Sequential, net.features))
     head = nn.Sequential(features[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), cast(nn.Module, net.classifier))
-    return Backbone(arch, features[0], features[1:-1], head, num_classes=num_classes, width=width,
-                    input_size=input_size)
+    return Backbone(
+        arch, features[0], features[1:-1], head, num_classes=num_classes, width=width, input_size=input_size
+    )
 
 
 def _builder(arch: str) -> Callable[..., Backbone]:
@@ -23,6 +25,7 @@ def _builder(arch: str) -> Callable[..., Backbone]:
 
         ctor = getattr(tvm, arch)
         return _adapt(arch, ctor(num_classes=num_classes, width_mult=width), num_classes, width, input_size)
+
     build.__name__ = arch
     build.__doc__ = f"torchvision's {arch} (random init) as a zipper Backbone."
     return build
