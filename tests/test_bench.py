@@ -7,6 +7,8 @@ import json
 import math
 import os
 
+import pytest
+
 from zipper import bench, build_model
 from zipper.bench_calibrate import MODES, BenchConfig, parse_workers, write_caches
 from zipper.cli import main
@@ -26,6 +28,7 @@ REQUIRED = {
 }
 
 
+@pytest.mark.spawns
 def test_table1_runs_end_to_end_and_writes_json_and_markdown(tmp_path, capsys):
     path, page = tmp_path / "table1.json", tmp_path / "table1.md"
     rows = bench.table1(
@@ -101,6 +104,7 @@ CALIBRATE_FIELDS = {
 }
 
 
+@pytest.mark.trains
 def test_bench_calibrate_runs_end_to_end_and_writes_json(tmp_path, capsys):
     path = tmp_path / "calibrate.json"
     assert (
@@ -154,6 +158,7 @@ def test_bench_calibrate_runs_end_to_end_and_writes_json(tmp_path, capsys):
     assert not list(tmp_path.glob("zipper-bench-calibrate-*"))  # temp shards and caches removed
 
 
+@pytest.mark.trains
 def test_bench_calibrate_skips_a_cache_over_budget(tmp_path):
     cfg = BenchConfig(width=0.25, input_size=32, batch=8, steps=1, warmup=1, cache_budget_mb=100)
     shards = {"shapes": tmp_path / "a", "textures": tmp_path / "b"}  # not read: the size decides first

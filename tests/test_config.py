@@ -103,6 +103,7 @@ def test_tracking_credentials_come_from_the_environment_and_are_never_shown(monk
     assert redacted("sqlite:////tmp/mlflow.db") == "sqlite:////tmp/mlflow.db"
 
 
+@pytest.mark.spawns
 def test_connecting_leaves_the_environment_to_the_user(monkeypatch, tmp_path):
     """mlflow exports the URI it is given; a stage or test run after it, for another root, must not
     find it there and log into the wrong store."""

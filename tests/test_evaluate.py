@@ -115,6 +115,7 @@ def test_latency_ratio_interleaves_and_reports_medians(tiny_teachers) -> None:
     assert res["speedup_q1"] <= res["speedup_paired"] <= res["speedup_q3"]
 
 
+@pytest.mark.spawns
 def test_peak_memory_is_measured_in_a_child_process(tiny_teachers):
     mem = memory.measure_memory(memory.describe_teachers(tiny_teachers))
     weights = sum(t.numel() * t.element_size() for m in tiny_teachers.values() for t in [*m.parameters(), *m.buffers()])

@@ -68,6 +68,7 @@ def zip_root(tiny_shards, tmp_path) -> tuple[Path, Layout]:
     return tmp_path, layout
 
 
+@pytest.mark.trains
 def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zip_root, monkeypatch):
     _, layout = zip_root
     params = load_params(TINY, HOLDOUT)

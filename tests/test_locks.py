@@ -23,6 +23,7 @@ def _stage(root, *args: str, env: dict | None = None) -> subprocess.CompletedPro
     )
 
 
+@pytest.mark.spawns
 def test_a_stage_command_refuses_a_held_root_and_names_the_holder(tmp_path):
     shutil.copy(TINY_PARAMS, tmp_path / "params.yaml")
     with holding_root(tmp_path, "zipper zip --depth 3") as holder:

@@ -61,15 +61,38 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     assert sorted(int(r.data.params["depth"]) for r in children) == DEPTHS
     deepest = next(r for r in children if r.data.params["depth"] == "3")
     assert len(client.get_metric_history(deepest.info.run_id, "loss")) == 10  # calibrate.steps
-    versions = client.search_model_versions(f"name='{summary['registered_model']}'")
-    assert sorted(int(v.tags["depth"]) for v in versions) == DEPTHS
+    models = client.search_logged_models([parent.info.experiment_id])
+    assert sorted((m.name, m.tags["pipeline_run"]) for m in models) == [
+        (f"depth-{d}", parent.info.run_id) for d in DEPTHS
+    ]
+    assert not client.search_model_versions(f"name='{summary['registered_model']}'")  # only promoted depths are
+    assert [m.step for m in client.get_metric_history(parent.info.run_id, "max_drop_pp")] == DEPTHS  # chart by depth
 
 
 def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     import mlflow
 
-    out = run_ok(project, "zipper", "promote", "--depth", "2")
-    assert '"depth": 2' in out
+    promoted = json.loads(
+        subprocess.run(
+            ["zipper", "promote", "--depth", "2"],
+            cwd=project,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    again = json.loads(
+        subprocess.run(
+            ["zipper", "promote", "--depth", "2"],
+            cwd=project,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
+    )
+    assert promoted["depth"] == 2 and again["version"] == promoted["version"]  # registered once
     bad = subprocess.run(
         ["zipper", "promote", "--max-drop", "-1000"], cwd=project, env=cli_env(), capture_output=True, text=True
     )
@@ -79,6 +102,11 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
         monkeypatch.setenv(name, summary["tracking_uri"])
     mlflow.set_tracking_uri(summary["tracking_uri"])
     mlflow.set_registry_uri(summary["tracking_uri"])  # other tests in this process may have set another
+    version = mlflow.MlflowClient().get_model_version(summary["registered_model"], promoted["version"])
+    assert version.source == f"models:/{promoted['model_id']}" and version.description.startswith(
+        "Depth 2 of shapes + textures"
+    )
+    assert {"acc_pct_shapes", "acc_pct_textures", "max_drop_pp", "pipeline_run"} <= version.tags.keys()
     model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     pred = model.predict(images)
@@ -198,7 +226,7 @@ def test_changing_init_reruns_every_depth_and_its_evaluation(project):
 
 
 def test_an_interrupted_register_is_marked_failed_and_never_promoted(project):
-    """A kill inside `register` leaves a RUNNING pipeline run and a version without its tags: promote
+    """A kill inside `register` leaves a RUNNING pipeline run and logged models without their tags: promote
     picks the last complete run (and says which); the next register marks the killed one FAILED."""
     import mlflow
 
@@ -208,9 +236,13 @@ def test_an_interrupted_register_is_marked_failed_and_never_promoted(project):
     client = mlflow.MlflowClient(summary["tracking_uri"], summary["tracking_uri"])
     experiment = client.get_experiment_by_name("zipper").experiment_id
     killed = client.create_run(experiment, tags={ROOT_TAG: str(project.resolve())}).info.run_id
-    client.create_model_version(
-        summary["registered_model"], f"runs:/{killed}/model", run_id=killed, tags={"pipeline_run": killed}
-    )  # registered, then killed before its tags
+    client.create_logged_model(experiment, name="depth-0", source_run_id=killed, tags={"pipeline_run": killed})
+    client.create_logged_model(  # newer and complete, but of a run that never finished
+        experiment,
+        name="depth-1",
+        source_run_id=killed,
+        tags={"pipeline_run": killed, "depth": "1", "max_drop_pp": "0"},
+    )
     promoted = subprocess.run(
         ["zipper", "promote", "--max-drop", "100"], cwd=project, env=cli_env(), capture_output=True, text=True
     )

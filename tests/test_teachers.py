@@ -20,6 +20,7 @@ def shard_dir(tmp_path_factory):
     return out
 
 
+@pytest.mark.trains
 def test_train_save_load_roundtrip(shard_dir, tmp_path):
     model, acc = train_teacher(
         shard_dir, arch="mobilenet_v1", width=0.25, input_size=32, steps=5, batch_size=8, lr=0.05, seed=0
@@ -46,6 +47,7 @@ def test_train_save_load_roundtrip(shard_dir, tmp_path):
     assert not (tmp_path / "u.pt").exists()
 
 
+@pytest.mark.trains
 def test_a_diverging_teacher_stops_with_the_setting_to_change(shard_dir):
     with pytest.raises(
         DivergedError, match=r"teacher textures, step \d+: the (loss is nan|loss exploded).*teachers.lr"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from .conftest import cli_env
 
 # Two processes start one pipeline's registration each against the same new sqlite store.
@@ -18,6 +20,7 @@ print(client.get_experiment_by_name("zipper").experiment_id)
 """
 
 
+@pytest.mark.spawns
 def test_two_pipelines_create_one_new_sqlite_store_at_once(tmp_path):
     """Without the store lock, one of the two died in the schema migration in 10 of 10 tries."""
     uri = f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}"

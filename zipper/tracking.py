@@ -1,6 +1,7 @@
-"""MLflow: one parent run per pipeline run, one nested run per depth, one registry version per depth.
+"""MLflow: one parent run per pipeline run, one nested run and one logged model (`depth-<k>`) per depth.
 
-Promotion uses aliases (`champion`), never the deprecated stages.
+The registry holds only what someone promotes: `promote` registers the chosen depth's logged model (once)
+and points the `champion` alias at it; never the deprecated stages.
 """
 
 from __future__ import annotations
@@ -27,7 +28,9 @@ log = logging.getLogger(__name__)
 ALIAS = "champion"
 ROOT_TAG = "zipper.root"  # on a pipeline's parent run: the project root it logged
 URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # a user's choice of store, never ours
-VERSION_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from a model version
+MODEL_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from a logged model
+DESCRIPTION_TAG = "zipper.description"  # a logged model's summary; promote makes it its version's description
+PARENT_METRICS = ("max_drop_pp", "speedup", "macs_ratio")  # on the parent run against step = depth, beside acc_<task>
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 
@@ -123,6 +126,8 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
         summary["parent_run_id"] = parent.info.run_id
         mlflow.log_params({k: str(v)[:500] for k, v in _flatten(asdict(params)).items()})
         mlflow.log_metrics({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()})
+        for row in rows:  # MLflow's chart view then draws them against depth
+            mlflow.log_metrics(_over_depth(row), step=row["depth"])
         for path in sorted(layout.reports.glob("*")):
             if path.suffix in (".md", ".png", ".json") and path.name != "mlflow.json":
                 mlflow.log_artifact(str(path), artifact_path="report")
@@ -135,7 +140,7 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                 mlflow.log_params(
                     {"depth": depth, "scope": row["scope"], "init": row["init"], "targets": row["targets"]}
                 )
-                mlflow.log_metrics({k: float(v) for k, v in _depth_metrics(row).items() if v is not None})
+                mlflow.log_metrics(_depth_metrics(row))
                 curves = json.loads(layout.curves(depth).read_text())
                 metrics = [
                     Metric(key, float(v), 0, step)
@@ -151,28 +156,46 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                     client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
                 mlflow.log_artifact(str(layout.curves(depth)), artifact_path="calibration")
                 info = mlflow.pyfunc.log_model(
-                    name="model",
+                    name=f"depth-{depth}",
                     python_model=str(MODEL_CODE),
-                    registered_model_name=name,
                     artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes_path)},
                     pip_requirements=["torch", "torchvision", "numpy", "pandas", "pillow"],
                     signature=signature,
                     input_example=example,
+                    tags=_model_tags(row, parent.info.run_id),
                 )
-                version = str(info.registered_model_version)
-                tags = {
-                    "depth": depth,
-                    "scope": row["scope"],
-                    "init": row["init"],
-                    "max_drop_pp": f"{row['max_drop_pp']:.4f}",
-                    "pipeline_run": parent.info.run_id,
-                    **{f"acc_{t}": f"{a:.4f}" for t, a in row["acc"].items()},
-                }
-                for k, v in tags.items():
-                    client.set_model_version_tag(name, version, k, str(v))
-                summary["depths"][str(depth)] = {"run_id": run.info.run_id, "version": version}
-                log.info("depth %d logged as run %s, %s version %s", depth, run.info.run_id, name, version)
+                mlflow.log_metrics(_depth_metrics(row), model_id=info.model_id)  # shown on the model's page
+                summary["depths"][str(depth)] = {"run_id": run.info.run_id, "model_id": info.model_id}
+                log.info("depth %d logged as run %s, model %s", depth, run.info.run_id, info.model_id)
     return summary
+
+
+def _model_tags(row: dict[str, Any], pipeline_run: str) -> dict[str, str]:
+    """A depth's logged-model tags (and, once promoted, its version's): drops in points, accuracies in percent."""
+    acc = ", ".join(f"{t} {100 * a:.2f}% (teacher {100 * row['teacher_acc'][t]:.2f}%)" for t, a in row["acc"].items())
+    description = (
+        f"Depth {row['depth']} of {' + '.join(row['acc'])}: the first {row['depth']} blocks shared "
+        f"(scope {row['scope']}, init {row['init']}), calibrated {row['steps']} steps by distillation "
+        f"from the teachers ({row['targets']} targets). Top-1 on val: {acc}; worst drop "
+        f"{row['max_drop_pp']:.2f} points; speedup {row['speedup']:.2f}x, MACs ratio {row['macs_ratio']:.2f}x. "
+        f"Pipeline run {pipeline_run}."
+    )
+    return {
+        "depth": str(row["depth"]),
+        "scope": row["scope"],
+        "init": row["init"],
+        "max_drop_pp": f"{row['max_drop_pp']:.4f}",
+        "pipeline_run": pipeline_run,
+        **{f"acc_pct_{t}": f"{100 * a:.2f}" for t, a in row["acc"].items()},
+        DESCRIPTION_TAG: description,
+    }
+
+
+def _over_depth(row: dict[str, Any]) -> dict[str, float]:
+    return {
+        **{f"acc_{t}": a for t, a in row["acc"].items()},
+        **{k: float(row[k]) for k in PARENT_METRICS if row.get(k) is not None},
+    }
 
 
 def _signature(tasks: Sequence[str]):
@@ -234,7 +257,7 @@ def _made_by(params: Params, root: Path) -> dict[str, str]:
     return tags
 
 
-def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
+def _depth_metrics(row: dict[str, Any]) -> dict[str, float]:
     m = {
         k: row.get(k)
         for k in (
@@ -251,67 +274,68 @@ def _depth_metrics(row: dict[str, Any]) -> dict[str, Any]:
     }
     m.update({f"acc_{t}": a for t, a in row["acc"].items()})
     m.update({f"drop_pp_{t}": d for t, d in row["drop_pp"].items()})
-    return m
+    return {k: float(v) for k, v in m.items() if v is not None}
 
 
 def promote(
     params: Params, root: str | Path, *, max_drop: float | None = None, depth: int | None = None
 ) -> dict[str, Any]:
-    """Put alias `champion` on the chosen depth of the latest pipeline run's versions.
+    """Register the chosen depth of the latest complete pipeline run (once) and put alias `champion` on it.
 
     `max_drop` (percentage points): the deepest depth whose worst per-task drop is within budget.
     """
+    import mlflow
+
     if (max_drop is None) == (depth is None):
         raise ValueError("promote needs exactly one of --max-drop PCT or --depth K")
     client = connect(params.tracking, Path(root))
     name = params.tracking.registered_model
-    versions = client.search_model_versions(f"name='{name}'")
-    if not versions:
-        raise ValueError(
-            f"registered model {name!r} has no versions at "
-            f"{redacted(params.tracking.tracking_uri(root))}; "
-            "run the pipeline (register stage) first"
-        )
-    latest = _latest_complete_pipeline_run(client, versions)
-    candidates = sorted(
-        (v for v in versions if v.tags.get("pipeline_run") == latest), key=lambda v: int(v.tags["depth"])
-    )
+    latest, candidates = _latest_complete_pipeline_run(client, params, root)
     if depth is not None:
-        chosen = [v for v in candidates if int(v.tags["depth"]) == depth]
+        chosen = [m for m in candidates if int(m.tags["depth"]) == depth]
         if not chosen:
-            raise ValueError(
-                f"no version of {name!r} with depth {depth}; depths: {[int(v.tags['depth']) for v in candidates]}"
-            )
+            raise ValueError(f"no depth {depth} in pipeline run {latest}; depths: {[_depth(m) for m in candidates]}")
     else:
         assert max_drop is not None  # checked above: exactly one of depth and max_drop
-        chosen = [v for v in candidates if float(v.tags["max_drop_pp"]) <= max_drop]
+        chosen = [m for m in candidates if float(m.tags["max_drop_pp"]) <= max_drop]
         if not chosen:
-            best = min(candidates, key=lambda v: float(v.tags["max_drop_pp"]))
+            best = min(candidates, key=lambda m: float(m.tags["max_drop_pp"]))
             raise ValueError(
                 f"no depth meets --max-drop {max_drop}: the smallest worst-task drop is "
                 f"{float(best.tags['max_drop_pp']):.2f} points (depth {best.tags['depth']})"
             )
     pick = chosen[-1]
-    client.set_registered_model_alias(name, ALIAS, pick.version)
+    version = next((v for v in client.search_model_versions(f"name='{name}'") if v.source == pick.model_uri), None)
+    if version is None:
+        tags = {k: v for k, v in pick.tags.items() if not k.startswith("mlflow.") and k != DESCRIPTION_TAG}
+        version = mlflow.register_model(pick.model_uri, name, tags=tags)
+        client.update_model_version(name, version.version, description=pick.tags.get(DESCRIPTION_TAG))
+    client.set_registered_model_alias(name, ALIAS, version.version)
     result = {
         "name": name,
         "alias": ALIAS,
-        "version": pick.version,
-        "depth": int(pick.tags["depth"]),
+        "version": version.version,
+        "depth": _depth(pick),
         "max_drop_pp": float(pick.tags["max_drop_pp"]),
         "uri": f"models:/{name}@{ALIAS}",
+        "model_id": pick.model_id,
         "pipeline_run": latest,
     }
     log.info(
-        "promoted %s version %s (depth %d, worst drop %.2f pp) of pipeline run %s as @%s",
-        name,
-        pick.version,
+        "promoted depth %d (worst drop %.2f pp, model %s) of pipeline run %s: %s version %s @%s",
         result["depth"],
         result["max_drop_pp"],
+        pick.model_id,
         latest,
+        name,
+        version.version,
         ALIAS,
     )
     return result
+
+
+def _depth(model) -> int:
+    return int(model.tags["depth"])
 
 
 def download_champion(params: Params, root: str | Path, dst: str | Path) -> tuple[int, Path]:
@@ -331,11 +355,26 @@ def download_champion(params: Params, root: str | Path, dst: str | Path) -> tupl
     return int(version.tags["depth"]), next(model.glob("artifacts/*.pt"))
 
 
-def _latest_complete_pipeline_run(client, versions) -> str:
-    """The newest pipeline run (by its versions) that finished registering every depth: an interrupted
-    one (RUNNING, or FAILED by the next run) may lack depths or tags."""
-    complete = [v for v in versions if VERSION_TAGS <= v.tags.keys()]
-    for run_id in dict.fromkeys(v.tags["pipeline_run"] for v in sorted(complete, key=lambda v: -int(v.version))):
+def _latest_complete_pipeline_run(client, params: Params, root: str | Path) -> tuple[str, list]:
+    """The newest pipeline run that finished logging every depth, and its logged models by depth: an
+    interrupted one (RUNNING, or FAILED by the next run) may lack depths or tags."""
+    experiment = client.get_experiment_by_name(params.tracking.experiment)
+    models = _logged_models(client, experiment.experiment_id) if experiment is not None else []
+    complete = [m for m in models if MODEL_TAGS <= m.tags.keys()]
+    for run_id in dict.fromkeys(m.tags["pipeline_run"] for m in sorted(complete, key=lambda m: -m.creation_timestamp)):
         if client.get_run(run_id).info.status == "FINISHED":
-            return run_id
-    raise ValueError(f"no complete pipeline run among the versions of {versions[0].name!r}: rerun the register stage")
+            return run_id, sorted((m for m in complete if m.tags["pipeline_run"] == run_id), key=_depth)
+    raise ValueError(
+        f"no complete pipeline run in experiment {params.tracking.experiment!r} at "
+        f"{redacted(params.tracking.tracking_uri(root))}: run the pipeline (register stage) first"
+    )
+
+
+def _logged_models(client, experiment_id: str) -> list:
+    models, token = [], None
+    while True:
+        page = client.search_logged_models([experiment_id], page_token=token)
+        models += page
+        token = page.token
+        if not token:
+            return models
