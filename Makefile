@@ -39,7 +39,7 @@ demo: install
 	echo "Pushed:    every output to DVC remote '$$remote' ($$(DVC_NO_ANALYTICS=1 $(VENV)/bin/dvc config remote.$$remote.url); see docs/remote.md)"
 	@echo "Plots:     reports/accuracy.png reports/ratios.png   (or: $(VENV)/bin/dvc plots show)"
 	@echo "MLflow UI: $(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
-	@echo "Promote:   $(VENV)/bin/zipper promote --max-drop 1.0   (puts alias @champion on the deepest depth within 1 point)"
+	@echo "Promote:   $(VENV)/bin/zipper promote --max-drop 1.0   (registers the deepest depth within 1 point as @champion)"
 
 # Two worker processes, each test file on one of them (module fixtures such as the Prefect server and the
 # tiny projects are built once): about two thirds of the serial time on 2 cores (README, Development).

@@ -84,7 +84,7 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
     lines = [
         f"# Worst val drop against depth, per architecture ({result['label']})",
         "",
-        f"Made by `{result['command']}` in {result['wall_s'] / 60:.0f} min.",
+        f"Made by `{result['command']}` (it reuses whatever an earlier run left under its root).",
         "",
         f"- tasks: {', '.join(result['tasks'])}; input size {result['input_size']} px; calibration: "
         f"{result['calibrate']}",

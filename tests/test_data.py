@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 from zipper.data import MEAN, STD, read_manifest, synthetic, train_batches, val_batches, write_shards
-from zipper.data.shards import iter_samples, normalise
-from zipper.data.sources import resize_center
+from zipper.data.shards import iter_samples
+from zipper.preprocess import normalise, resize_center
 
 SMALL = {"source": "synthetic", "name": "shapes", "n_train": 40, "n_val": 20, "seed": 3}
 

@@ -18,6 +18,7 @@ import collections
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -262,6 +263,8 @@ def test_run_publishes_progress_table_and_report_artifacts(resumed):
 
     progress = Artifact.get("zipper-progress")
     assert progress.type == "progress" and float(progress.data) == 100.0
+    calibration = Artifact.get("zipper-calibration")  # followed the last depth's steps to its end
+    assert float(calibration.data) == 100.0 and re.fullmatch(r"depth 3: step (\d+)/\1", calibration.description)
     table = Artifact.get("zipper-depths")
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert [r["depth"] for r in rows] == [0, 1, 2, 3] and {"acc_shapes", "speedup", "comp_conv"} <= set(rows[0])
@@ -271,8 +274,6 @@ def test_run_publishes_progress_table_and_report_artifacts(resumed):
 
 @pytest.mark.slow
 def test_flow_runs_are_named_after_their_project_and_start(resumed):
-    import re
-
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,7 @@ import yaml
 from PIL import Image
 
 import zipper
-from zipper.data.shards import normalise
-from zipper.data.sources import resize_center
+from zipper.preprocess import normalise, resize_center
 
 from .conftest import cli_env, digests, git, run_ok, stages_ran
 
@@ -71,6 +71,7 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
 
 def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     import mlflow
+    import onnxruntime
 
     promoted = json.loads(
         subprocess.run(
@@ -107,6 +108,8 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
         "Depth 2 of shapes + textures"
     )
     assert {"acc_pct_shapes", "acc_pct_textures", "max_drop_pp", "pipeline_run"} <= version.tags.keys()
+    onnx = onnxruntime.InferenceSession(mlflow.artifacts.download_artifacts(version.tags["onnx"]))
+    assert [o.name for o in onnx.get_outputs()] == ["shapes", "textures"]  # the ONNX graph beside the version
     model = mlflow.pyfunc.load_model(f"models:/{summary['registered_model']}@champion")
     images = np.random.default_rng(0).integers(0, 256, (5, 32, 32, 3), dtype=np.uint8)
     pred = model.predict(images)
@@ -127,6 +130,39 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     for t in ("shapes", "textures"):
         got = np.stack(probs[t].to_list())
         assert got.shape == (3, len(classes[t])) and np.allclose(got, expected[t].softmax(1).numpy(), atol=1e-6)
+
+
+# Loads a logged model in a process where the installed zipper is hidden: what it needs must ship inside it.
+_LOAD_WITHOUT_ZIPPER = """
+import importlib.util, sys
+sys.meta_path = [f for f in sys.meta_path if not getattr(f, "__module__", "").startswith("__editable__")]
+assert importlib.util.find_spec("zipper") is None, "zipper is still importable"
+import mlflow, numpy as np
+model = mlflow.pyfunc.load_model(sys.argv[1])
+pred = model.predict(np.zeros((2, 40, 50, 3), np.uint8))
+import zipper
+print(zipper.__file__, *pred.columns)
+"""
+
+
+def test_the_champion_loads_where_zipper_is_not_installed(project, tmp_path):
+    import mlflow
+
+    summary = json.loads((project / "reports/mlflow.json").read_text())
+    model = mlflow.artifacts.download_artifacts(
+        artifact_uri=f"models:/{summary['registered_model']}@champion",
+        dst_path=str(tmp_path),
+        tracking_uri=summary["tracking_uri"],
+        registry_uri=summary["tracking_uri"],
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_WITHOUT_ZIPPER, model], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    origin, *columns = proc.stdout.split()
+    assert Path(origin).is_relative_to(model) and columns == ["shapes", "textures"]
+    requirements = (Path(model) / "requirements.txt").read_text().split()
+    assert f"torch=={torch.__version__.split('+')[0]}" in [r.split("+")[0] for r in requirements]
 
 
 def test_export_writes_the_champion_as_onnx_that_matches_pytorch(project, tmp_path):

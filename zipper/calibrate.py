@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Mapping
@@ -32,6 +33,9 @@ from .runtime import CPU, Runtime, cpu_state
 log = logging.getLogger(__name__)
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+# Logged every tenth of the step budget: a progress line for logs, and what the Prefect flow's progress reads.
+PROGRESS_LINE = "depth %d: calibration step %d/%d, loss %.4f"
+PROGRESS_PATTERN = re.compile(r"depth (\d+): calibration step (\d+)/(\d+)")
 SCHEDULES = ("cosine", "constant")
 RECOVERED_PP = 1.0  # "recovered": every task within this many points of its teacher on the held-out split
 
@@ -235,6 +239,8 @@ def calibrate(
                 hint=_hint(partial_path),
             )
             bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
+            if runtime.is_main and ((step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps):
+                log.info(PROGRESS_LINE, net.depth, step + 1, cfg.steps, curves["loss"][-1])
             stop = _check(net, cfg, step + 1, curves, held_out_drop, runtime)
             if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_torch(

@@ -203,7 +203,8 @@ def _flow(args: argparse.Namespace) -> None:
         registered = result["register"]
         print(
             f"\n{Layout(Path(result['root'])).path(TABLE).read_text()}\n"
-            f"MLflow: {registered['tracking_uri']}, registered model {registered['registered_model']}"
+            f"MLflow: {registered['tracking_uri']}, parent run {registered['parent_run_id']}; "
+            f"`zipper promote --max-drop 1.0` registers a depth as {registered['registered_model']}@champion"
         )
     else:
         pipeline.serve(args.params, args.root, overrides, cron=args.cron, name=args.name)

@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from .data import normalise
 from .io import atomic_path, sha256_file
 from .merge import load
+from .preprocess import normalise
 
 log = logging.getLogger(__name__)
 
@@ -50,5 +50,5 @@ def export(checkpoint: str | os.PathLike, out: str | os.PathLike) -> dict[str, A
         "sha256": sha256_file(out),
         "tasks": net.spec.task_names,
         "max_abs_diff": diff,
-        "input": {"name": "images", "shape": ["batch", 3, size, size], "normalised": "MEAN / STD of zipper.data"},
+        "input": {"name": "images", "shape": ["batch", 3, size, size], "normalised": "MEAN / STD of zipper.preprocess"},
     }

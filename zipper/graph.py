@@ -112,7 +112,7 @@ class Stage:
 
 
 # Package code by what it imports (a test checks these against the stages' import closures).
-_DATA = ("data", "models")
+_DATA = ("data", "models", "preprocess.py")
 _NETS = (*_DATA, "merge", "teachers.py", "evaluate.py", "parallel.py", "guard.py")  # train, load and evaluate nets
 _ZIP = (*_NETS, "calibrate.py")
 _MEASURE = (*_NETS, "profiling.py", "memory.py")
@@ -206,7 +206,7 @@ STAGES: tuple[Stage, ...] = (
         reads=(*REPORT_FILES, ZIPPED, CURVES, METRICS, f"{SHARDS}/manifest.json"),
         writes=(MLFLOW_RUNS,),
         params=("*",),
-        code=("tracking.py", "mlflow_model.py", "data", "models", "merge"),
+        code=("tracking.py", "mlflow_model.py", "export.py", "preprocess.py", "data", "models", "merge"),
     ),
 )
 

@@ -28,6 +28,8 @@ class ZipperPyfunc(PythonModel):
         self.classes = json.loads(open(context.artifacts["classes"]).read())
 
     def predict(self, context, model_input, params=None):
+        from zipper.preprocess import preprocess
+
         output = (params or {}).get("output", "labels")
         if output not in OUTPUTS:
             raise ValueError(f"params output: expected one of {OUTPUTS}, got {output!r}")
@@ -36,20 +38,6 @@ class ZipperPyfunc(PythonModel):
         if output == "probabilities":
             return pd.DataFrame({t: list(v.softmax(1).numpy()) for t, v in logits.items()})
         return pd.DataFrame({t: [self.classes[t][i] for i in v.argmax(1).tolist()] for t, v in logits.items()})
-
-
-def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
-    """uint8 (N, H, W, 3) RGB -> the normalised (N, 3, size, size) batch the validation stream makes."""
-    from PIL import Image
-
-    from zipper.data.shards import normalise
-    from zipper.data.sources import resize_center
-
-    if images.dtype != np.uint8 or images.ndim != 4 or images.shape[-1] != 3:
-        raise ValueError(f"expected uint8 RGB images (N, H, W, 3), got {images.dtype} {images.shape}")
-    if images.shape[1:3] != (size, size):
-        images = np.stack([np.asarray(resize_center(Image.fromarray(img), size)) for img in images])
-    return normalise(images)
 
 
 mlflow.models.set_model(ZipperPyfunc())

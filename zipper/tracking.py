@@ -16,6 +16,7 @@ import sys
 import tempfile
 from contextlib import contextmanager
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
@@ -32,6 +33,8 @@ MODEL_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from
 DESCRIPTION_TAG = "zipper.description"  # a logged model's summary; promote makes it its version's description
 PARENT_METRICS = ("max_drop_pp", "speedup", "macs_ratio")  # on the parent run against step = depth, beside acc_<task>
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+PACKAGE = Path(__file__).parent  # shipped inside every logged model
+MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow")  # what it imports, pinned as installed
 
 
 def redacted(uri: str) -> str:
@@ -99,7 +102,7 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Log a finished pipeline: parent run (params, report), nested run + registered version per depth."""
+    """Log a finished pipeline: parent run (params, report), nested run + logged model per depth."""
     import mlflow
     from mlflow.entities import Metric
 
@@ -159,7 +162,8 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                     name=f"depth-{depth}",
                     python_model=str(MODEL_CODE),
                     artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes_path)},
-                    pip_requirements=["torch", "torchvision", "numpy", "pandas", "pillow"],
+                    code_paths=[str(PACKAGE)],  # so it loads where zipper is not installed
+                    pip_requirements=[f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS],
                     signature=signature,
                     input_example=example,
                     tags=_model_tags(row, parent.info.run_id),
@@ -310,6 +314,7 @@ def promote(
         tags = {k: v for k, v in pick.tags.items() if not k.startswith("mlflow.") and k != DESCRIPTION_TAG}
         version = mlflow.register_model(pick.model_uri, name, tags=tags)
         client.update_model_version(name, version.version, description=pick.tags.get(DESCRIPTION_TAG))
+        _log_onnx(client, pick, name, version.version)
     client.set_registered_model_alias(name, ALIAS, version.version)
     result = {
         "name": name,
@@ -336,6 +341,20 @@ def promote(
 
 def _depth(model) -> int:
     return int(model.tags["depth"])
+
+
+def _log_onnx(client, model, name: str, version: str) -> None:
+    """A promoted depth as ONNX (checked against PyTorch), logged to its run; a version tag names the file."""
+    import mlflow
+
+    from .export import export
+
+    with tempfile.TemporaryDirectory() as tmp:
+        files = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.model_uri, dst_path=tmp))
+        onnx = Path(tmp) / f"{model.name}.onnx"
+        export(next(files.glob("artifacts/*.pt")), onnx)
+        client.log_artifact(model.source_run_id, str(onnx), "onnx")
+    client.set_model_version_tag(name, version, "onnx", f"runs:/{model.source_run_id}/onnx/{onnx.name}")
 
 
 def download_champion(params: Params, root: str | Path, dst: str | Path) -> tuple[int, Path]:

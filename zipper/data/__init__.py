@@ -1,15 +1,13 @@
 """Data layer: sources -> WebDataset shards (written here, or existing ones at URLs) + manifest -> train / val
 streams (DataLoader workers, per-rank slices of a global batch); teacher feature cache."""
 
+from ..preprocess import MEAN, STD, normalise
 from .features import cache_matches, cached_batches, iter_cache, read_cache_manifest, write_feature_cache
 from .shards import (
-    MEAN,
-    STD,
     ValBatches,
     atomic_dir,
     epoch_stream,
     iter_samples,
-    normalise,
     read_manifest,
     read_shard,
     train_batches,

@@ -60,15 +60,13 @@ from tqdm.auto import tqdm
 from webdataset.gopen import gopen
 
 from ..io import sha256_file, write_json
-from .sources import SPLITS, BadSample, check_image_size, load_source, resize_center, resolve
+from ..preprocess import normalise, resize_center
+from .sources import SPLITS, BadSample, check_image_size, load_source, resolve
 
 log = logging.getLogger(__name__)
 
 FORMAT = "zipper.Shards/1"
 MANIFEST = "manifest.json"
-# ImageNet statistics: what torchvision's pretrained weights expect, so imported teachers see their inputs.
-MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 ON_BAD_SAMPLE = ("error", "skip")
 PNG_LEVEL = 3  # zlib level: lossless at any level; 3 is a good speed/size trade for small images
 TAR_MTIME = 0  # fixed member times: byte-identical shards for the same samples (an int: a float adds a PAX header)
@@ -684,16 +682,6 @@ class Prepare:
         if self.hflip and rng.random() < 0.5:
             img = img[:, ::-1]
         return img
-
-
-_MEAN255 = torch.tensor(MEAN).view(1, 3, 1, 1) * 255
-_STD255 = torch.tensor(STD).view(1, 3, 1, 1) * 255
-
-
-def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
-    """uint8 (N, H, W, 3) -> float32 (N, 3, H, W), normalised with MEAN / STD."""
-    t = torch.as_tensor(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float()
-    return ((t - _MEAN255) / _STD255).contiguous()
 
 
 def collate(samples: list[tuple[np.ndarray, int]]) -> tuple[torch.Tensor, torch.Tensor]:

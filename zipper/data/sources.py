@@ -29,6 +29,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 from PIL import Image
 
+from ..preprocess import resize_center
 from . import synthetic
 
 SOURCES: tuple[str, ...] = ("synthetic", "digits", "imagefolder", "torchvision", "webdataset")
@@ -159,18 +160,6 @@ def to_rgb(img: Image.Image) -> Image.Image:
         black = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
         return Image.alpha_composite(black, rgba).convert("RGB")
     return img.convert("RGB")
-
-
-def resize_center(img: Image.Image, size: int) -> Image.Image:
-    """Resize the shorter side to `size` (bilinear) and centre-crop to size x size."""
-    w, h = img.size
-    if (w, h) == (size, size):
-        return img
-    scale = size / min(w, h)
-    nw, nh = max(size, round(w * scale)), max(size, round(h * scale))
-    img = img.resize((nw, nh), Image.Resampling.BILINEAR)
-    left, top = (nw - size) // 2, (nh - size) // 2
-    return img.crop((left, top, left + size, top + size))
 
 
 # --- sources ---------------------------------------------------------------------------------------

@@ -14,7 +14,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import yaml
 from prefect.exceptions import MissingContextError
@@ -71,9 +71,11 @@ def run_command(
     logger: logging.Logger | logging.LoggerAdapter | None = None,
     tail: int = COMMAND_TAIL,
     env: Mapping[str, str] | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run `cmd`, each line of its output (stdout and stderr) logged as it comes, to the task's run
-    logger by default; raise StageCommandError with its last `tail` lines if it exits non-zero.
+    logger by default, and passed to `on_line`; raise StageCommandError with its last `tail` lines if it
+    exits non-zero.
 
     The command runs in a session of its own: a task that is cancelled or interrupted stops it and what
     it started (torchrun and its workers) instead of leaving them running.
@@ -97,6 +99,8 @@ def run_command(
             if line:
                 last.append(line)
                 logger.info("%s", line)
+                if on_line is not None:
+                    on_line(line)
         returncode = proc.wait()
     finally:
         if proc.poll() is None:
@@ -115,7 +119,12 @@ def run_command(
 
 
 def run_stage_command(
-    stage: str, cli: Iterable[str], arg: str | int, root: str | os.PathLike, threads: int | None = None
+    stage: str,
+    cli: Iterable[str],
+    arg: str | int,
+    root: str | os.PathLike,
+    threads: int | None = None,
+    on_line: Callable[[str], None] | None = None,
 ) -> None:
     """Run a stage's command for the flow run that holds `root`'s lock."""
     cli = tuple(cli)
@@ -123,4 +132,4 @@ def run_stage_command(
         raise ValueError(
             f"{stage} runs as its command, which needs the flow run's command-line options (cli=cli_args(...))"
         )
-    run_command(stage_command(stage, cli, arg, threads), env=held_by_parent(root))
+    run_command(stage_command(stage, cli, arg, threads), env=held_by_parent(root), on_line=on_line)

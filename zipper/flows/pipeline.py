@@ -43,6 +43,7 @@ from prefect.futures import PrefectFuture, as_completed
 
 from zipper import runtime as zruntime
 from zipper import stages
+from zipper.calibrate import PROGRESS_PATTERN
 from zipper.config import Params, load_params
 from zipper.graph import DATA_PARALLEL_STAGES, Layout
 from zipper.locks import root_lock
@@ -116,8 +117,18 @@ def features_task(params: Params, layout: Layout, name: str) -> dict[str, Any]:
 
 
 @task(**_options("zip", "zip-depth-{depth}"))
-def zip_task(params: Params, layout: Layout, depth: int, cli: tuple[str, ...] = ()) -> dict[str, Any]:
-    run_stage_command("zip", cli, depth, layout.root)
+def zip_task(
+    params: Params, layout: Layout, depth: int, cli: tuple[str, ...] = (), progress: UUID | None = None
+) -> dict[str, Any]:
+    """Calibrate one depth (its command); `progress`: an artifact that follows its calibration steps."""
+
+    def follow(line: str) -> None:
+        match = PROGRESS_PATTERN.search(line)
+        if progress is not None and match:
+            d, step, steps = map(int, match.groups())
+            update_progress_artifact(progress, 100.0 * step / steps, description=f"depth {d}: step {step}/{steps}")
+
+    run_stage_command("zip", cli, depth, layout.root, on_line=follow)
     return _done("zip", params, layout, depth)
 
 
@@ -209,6 +220,9 @@ def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str,
     depths = [0, *params.zipper.depths]
 
     # A sync flow: Prefect's async_dispatch runs the sync version, which returns the artifact's id.
+    calibration = cast(
+        UUID, create_progress_artifact(0.0, key="zipper-calibration", description="zipper: calibration steps")
+    )
     progress = cast(
         UUID,
         create_progress_artifact(
@@ -228,7 +242,7 @@ def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str,
     evals: dict[int, PrefectFuture] = {}
     for d in depths:
         after = list(teachers.values()) if d == 0 else [zips[d - 1], *features.values()]
-        zips[d] = submit(zip_t, params, layout, d, cli, wait_for=after, resources=gpu["zip"])
+        zips[d] = submit(zip_t, params, layout, d, cli, calibration, wait_for=after, resources=gpu["zip"])
         side = [evals[0]] if d else []  # depth d > 0 reads the teachers' side measured at depth 0
         evals[d] = evaluate_t.submit(
             params, layout, d, wait_for=[zips[d], *teachers.values(), *side], return_state=False
@@ -281,8 +295,9 @@ def _pipeline(params: Params, layout: Layout, cli: tuple[str, ...]) -> dict[str,
     markdown = report.result()["markdown"]
     summary = register.result()["summary"]
     create_markdown_artifact(
-        f"# zipper report\n\n{markdown}\n\nMLflow: `{summary.get('tracking_uri')}`, registered model "
-        f"`{summary.get('registered_model')}`, parent run `{summary.get('parent_run_id')}`\n",
+        f"# zipper report\n\n{markdown}\n\nMLflow: `{summary.get('tracking_uri')}`, parent run "
+        f"`{summary.get('parent_run_id')}`; `zipper promote` registers a depth as "
+        f"`{summary.get('registered_model')}@champion`\n",
         key="zipper-report",
         description="zipper: per-depth accuracy, size and speed (reports/table.md)",
     )
