@@ -50,7 +50,7 @@ test: install
 # Everything but the end-to-end runs (seconds to minutes each): about a third of `make test`.
 # The unit tier: nothing that trains, runs the pipeline or starts processes, servers or stores.
 test-fast: install
-	$(PY) -m pytest -q -n $(TEST_WORKERS) -m "not slow and not trains and not spawns"
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist load -m "not slow and not trains and not spawns"
 
 # The fast tier and every training-dependent test once per CPU kernel path this machine can emulate.
 test-isa: install

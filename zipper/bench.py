@@ -182,7 +182,7 @@ def format_table1(rows: Sequence[dict[str, Any]], *, threads: int, batch: int, r
         f"teachers / zipper; torch {torch.__version__}, {platform.machine()}, {os.cpu_count()} cpu(s), "
         f"load {load:.1f}, {threads} thread(s), batch {batch}, median of {repeats} interleaved runs",
         "comp_conv: conv weights only, shared once (the paper's Comp.); params: all parameters; macs: "
-        "flop counter; speedup: wall clock [q1-q3 of paired ratios], cpu: same in process CPU time; "
+        "flop counter; speedup: median of paired wall-clock ratios [q1-q3], cpu: ratio of medians in CPU time; "
         "memory: measured peak RSS of one forward, fresh process each",
         "paper: Comp. stays 1.258 for k = 11..13 (its authors merged weights up to layer 10 only); ours keeps growing.",
     ]

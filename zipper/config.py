@@ -102,7 +102,7 @@ class ZipperConfig:
 @dataclass(frozen=True)
 class EvaluateConfig:
     batch_size: int = 256
-    latency_repeats: int = 30
+    latency_repeats: int = 100
     threads: int = 1
     memory: bool = True  # measure peak forward memory in child processes
 
