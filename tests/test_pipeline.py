@@ -60,7 +60,10 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     )
     assert sorted(int(r.data.params["depth"]) for r in children) == DEPTHS
     deepest = next(r for r in children if r.data.params["depth"] == "3")
-    assert len(client.get_metric_history(deepest.info.run_id, "loss")) == 10  # calibrate.steps
+    loss = client.get_metric_history(deepest.info.run_id, "loss")
+    assert len(loss) == 10  # calibrate.steps
+    curves = project / "models/zip/depth_3.curves.json"
+    assert {m.timestamp for m in loss} == {int(curves.stat().st_mtime * 1000)}  # when it was calibrated, not 1970
     models = client.search_logged_models([parent.info.experiment_id])
     assert sorted((m.name, m.tags["pipeline_run"]) for m in models) == [
         (f"depth-{d}", parent.info.run_id) for d in DEPTHS

@@ -145,13 +145,14 @@ def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict
                 )
                 mlflow.log_metrics(_depth_metrics(row))
                 curves = json.loads(layout.curves(depth).read_text())
+                when = int(layout.curves(depth).stat().st_mtime * 1000)  # the depth's calibration ended then
                 metrics = [
-                    Metric(key, float(v), 0, step)
+                    Metric(key, float(v), when, step)
                     for key in ("loss", "ce", "distill", "lr")
                     for step, v in enumerate(curves[key])
                 ]
                 metrics += [
-                    Metric(f"holdout_drop_pp_{t}", float(d), 0, c["step"])
+                    Metric(f"holdout_drop_pp_{t}", float(d), when, c["step"])
                     for c in curves.get("checks", [])
                     for t, d in c["drop_pp"].items()
                 ]
