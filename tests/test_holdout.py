@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from zipper import profiling
 from zipper.config import load_params
 from zipper.data import iter_samples, read_manifest, train_batches
 from zipper.data import shards as shards_module
@@ -96,3 +97,22 @@ def test_adaptive_calibration_stops_on_the_held_out_split_and_never_reads_val(zi
     assert row["steps"] == len(curves["loss"])
     first_within = next((c["step"] for c in checks if max(c["drop_pp"].values()) <= 1.0), None)
     assert row["steps_to_recover"] == first_within
+
+
+@pytest.mark.trains
+def test_latency_is_timed_with_both_sides_in_one_memory_format(zip_root, monkeypatch):
+    """The accuracy pass runs the net in the runtime's format (channels_last here); the timing must not:
+    the teachers are timed as loaded, and a format on one side only would count in the speedup."""
+    _, layout = zip_root
+    params = load_params(TINY, {**HOLDOUT, "runtime.channels_last": True})
+    contiguous, real = [], profiling.latency_ratio
+
+    def spy(baseline_fns, candidate_fn, x, **kw):
+        contiguous.extend(
+            next(p for p in m.parameters() if p.dim() == 4).is_contiguous() for m in [*baseline_fns, candidate_fn]
+        )
+        return real(baseline_fns, candidate_fn, x, **kw)
+
+    monkeypatch.setattr(profiling, "latency_ratio", spy)
+    run_evaluate(params, layout, 0)
+    assert contiguous == [True, True, True]
