@@ -76,25 +76,12 @@ def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
     import mlflow
     import onnxruntime
 
-    promoted = json.loads(
-        subprocess.run(
-            ["zipper", "promote", "--depth", "2"],
-            cwd=project,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
-    )
-    again = json.loads(
-        subprocess.run(
-            ["zipper", "promote", "--depth", "2"],
-            cwd=project,
-            env=cli_env(),
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout
+    promote = ["zipper", "promote", "--depth", "2"]
+    promoted, again = (
+        json.loads(
+            subprocess.run(promote, cwd=project, env=cli_env(), capture_output=True, text=True, check=True).stdout
+        )
+        for _ in range(2)
     )
     assert promoted["depth"] == 2 and again["version"] == promoted["version"]  # registered once
     bad = subprocess.run(
