@@ -123,20 +123,36 @@ def checkpoint_digests(root: Path) -> dict[str, str]:
     return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in files}
 
 
+def copy_tiny_params(dst: Path, *, live: bool = False) -> None:
+    """The tiny params; `live`: the stages log to MLflow as they finish (`tracking.live`)."""
+    text = TINY_PARAMS.read_text()
+    if live:
+        text = text.replace("  live: false ", "  live: true  ", 1)
+        assert "  live: true " in text, f"{TINY_PARAMS}: no tracking.live to turn on"
+    dst.write_text(text)
+
+
+def before_register(project: Path) -> Path:
+    return project.with_name(f"{project.name}-before-register.db")  # beside the project: git adds it all
+
+
 @pytest.fixture(scope="session")
 def dvc_project(tmp_path_factory) -> Path:
     """A fresh git + DVC project holding our dvc.yaml, the tiny params and the code the stages depend on,
-    after one `dvc repro`; `first_repro.json` keeps its checkpoints' digests (tests change the project)."""
+    after `dvc repro evaluate@1` (`before_register`: a copy of its MLflow store then) and `dvc repro`;
+    `first_repro.json` keeps its checkpoints' digests (tests change the project)."""
     root = tmp_path_factory.mktemp("project")
     shutil.copy(REPO / "dvc.yaml", root / "dvc.yaml")
-    shutil.copy(TINY_PARAMS, root / "params.yaml")
+    copy_tiny_params(root / "params.yaml", live=True)
     shutil.copytree(REPO / "zipper", root / "zipper", ignore=shutil.ignore_patterns("__pycache__"))
     run_ok(root, "git", "init", "-q")
     run_ok(root, "dvc", "init", "-q")
     # The repo's own ignore rules: what git commits (and so what a clone gets) and what DVC hashes.
     shutil.copy(REPO / ".gitignore", root / ".gitignore")
     shutil.copy(REPO / ".dvcignore", root / ".dvcignore")
-    out = run_ok(root, "dvc", "repro")
+    out = run_ok(root, "dvc", "repro", "evaluate@1")  # depth 1 done, nothing registered yet:
+    shutil.copy(root / "mlflow.db", before_register(root))  # what MLflow showed while it ran
+    out += run_ok(root, "dvc", "repro")
     (root / "first_repro.log").write_text(out)
     (root / "first_repro.json").write_text(json.dumps(checkpoint_digests(root)))
     return root

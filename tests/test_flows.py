@@ -41,7 +41,7 @@ from zipper.graph import Layout
 from zipper.locks import RootLocked
 from zipper.runtime import RuntimeConfig
 
-from .conftest import checkpoint_digests, holding_root
+from .conftest import checkpoint_digests, copy_tiny_params, holding_root
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = REPO / "tests" / "fixtures" / "params.tiny.yaml"
@@ -159,7 +159,7 @@ def resumed(prefect_server, tmp_path_factory):
     """The tiny pipeline run twice on one project: failing at depth 2 (its checkpoint's path is taken
     by a folder, so the calibrated depth cannot be saved), then, the folder gone, resuming."""
     root = tmp_path_factory.mktemp("flow-project")
-    shutil.copy(TINY, root / "params.yaml")
+    copy_tiny_params(root / "params.yaml", live=True)
     layout = Layout(root)
     layout.zipped(2).mkdir(parents=True)
     with pytest.raises(commands.StageCommandError, match=r"zip .*--depth 2` exited(.|\n)*IsADirectoryError") as failure:
@@ -457,7 +457,13 @@ def test_training_stages_run_as_their_command_with_the_threads_dvc_gives_them(tm
     from zipper.cli import build_parser
     from zipper.config import parse_overrides
 
-    overrides = {"runtime.threads": 4, "calibrate.lr": 1e-5, "zipper.chain": {"1": 0}, "tracking.uri": ""}
+    overrides = {
+        "runtime.threads": 4,
+        "calibrate.lr": 1e-5,
+        "zipper.chain": {"1": 0},
+        "tracking.uri": "",
+        "tracking.live": False,  # the stubbed evaluation has no row to log
+    }
     params = load_params(TINY, overrides)
     layout = Layout(tmp_path)
     cli = commands.cli_args(TINY, tmp_path, overrides)

@@ -16,7 +16,7 @@ from PIL import Image
 import zipper
 from zipper.preprocess import normalise, resize_center
 
-from .conftest import cli_env, digests, git, run_ok, stages_ran
+from .conftest import before_register, cli_env, digests, git, run_ok, stages_ran
 
 DEPTHS = [0, 1, 2, 3]
 
@@ -61,15 +61,38 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     assert sorted(int(r.data.params["depth"]) for r in children) == DEPTHS
     deepest = next(r for r in children if r.data.params["depth"] == "3")
     loss = client.get_metric_history(deepest.info.run_id, "loss")
-    assert len(loss) == 10  # calibrate.steps
-    curves = project / "models/zip/depth_3.curves.json"
-    assert {m.timestamp for m in loss} == {int(curves.stat().st_mtime * 1000)}  # when it was calibrated, not 1970
+    assert [m.step for m in loss] == list(range(10))  # calibrate.steps, each logged once, as it came
+    times = [m.timestamp for m in loss]
+    assert deepest.info.start_time <= times[0] and times == sorted(times) and times[-1] <= deepest.info.end_time
     models = client.search_logged_models([parent.info.experiment_id])
     assert sorted((m.name, m.tags["pipeline_run"]) for m in models) == [
         (f"depth-{d}", parent.info.run_id) for d in DEPTHS
     ]
     assert not client.search_model_versions(f"name='{summary['registered_model']}'")  # only promoted depths are
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "max_drop_pp")] == DEPTHS  # chart by depth
+
+
+def test_each_depth_is_in_mlflow_as_soon_as_it_is_evaluated(project):
+    """While `dvc repro` runs, before register: the pipeline run is open, depths 0 and 1 (zip, evaluate) are
+    finished nested runs with their curves and logged models, deeper ones not there yet; register then
+    completes that same pipeline run instead of starting another."""
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{before_register(project)}")
+    experiment = client.get_experiment_by_name("zipper").experiment_id
+    [parent] = client.search_runs([experiment], "tags.`zipper.root` != ''")
+    assert parent.info.status == "RUNNING"
+    runs = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    depth = {r.data.tags["zipper.depth"]: r for r in runs}
+    assert sorted(depth) == ["0", "1"] and depth["0"].info.status == "FINISHED"  # evaluate@1 needs depth 0's
+    done = depth["1"].info
+    assert done.status == "FINISHED" and done.end_time - done.start_time > 0
+    assert done.start_time > 1.7e12  # 2023 on: real timestamps
+    assert "acc_shapes" in depth["1"].data.metrics and len(client.get_metric_history(done.run_id, "loss")) == 10
+    assert sorted(m.step for m in client.get_metric_history(parent.info.run_id, "acc_shapes")) == [0, 1]  # by depth
+    assert sorted(m.name for m in client.search_logged_models([experiment])) == ["depth-0", "depth-1"]
+    summary = json.loads((project / "reports/mlflow.json").read_text())
+    assert summary["parent_run_id"] == parent.info.run_id and summary["depths"]["1"]["run_id"] == done.run_id
 
 
 def test_promote_and_load_the_champion_with_pyfunc(project, monkeypatch):
@@ -237,6 +260,7 @@ def test_deleting_the_last_depth_reruns_only_it_and_what_follows(project):
 def test_changing_init_reruns_every_depth_and_its_evaluation(project):
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["zipper"]["init"] = "weights"
+    params["tracking"]["live"] = False  # register logs the new run: seven stages spared an MLflow import each
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     ran = stages_ran(run_ok(project, "dvc", "repro"))
     assert {"zip@1", "zip@2", "zip@3", "evaluate@1", "evaluate@2", "evaluate@3", "report"} <= ran, ran

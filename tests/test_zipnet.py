@@ -136,9 +136,12 @@ def test_load_refuses_a_non_zipper_file(tmp_path):
         zipper.load(tmp_path / "bad.pt")
 
 
-def test_onnx_export_has_one_output_per_task_and_matches(tmp_path, tiny_teachers):
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_onnx_export_has_one_output_per_task_and_matches(tmp_path, arch):
     ort = pytest.importorskip("onnxruntime")
-    net = zipper.zip_models(tiny_teachers, 6).eval()
+    torch.manual_seed(0)
+    teachers = {"a": zipper.build_model(arch, 5, **TINY).eval(), "b": zipper.build_model(arch, 3, **TINY).eval()}
+    net = zipper.zip_models(teachers, teachers["a"].num_blocks // 2).eval()  # a shared trunk and two branches
     net.export_onnx(tmp_path / "z.onnx")
     session = ort.InferenceSession(str(tmp_path / "z.onnx"))
     assert [o.name for o in session.get_outputs()] == ["a", "b"]

@@ -161,6 +161,8 @@ def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer,
 
 
 StepCallback = Callable[[int, ZipperNet], None]
+# step index -> that step's {loss, ce, distill, lr}, on the main process as each step ends (live tracking)
+ProgressCallback = Callable[[int, Mapping[str, float]], None]
 # net -> per-task drop (points) on the held-out split, measured in eval mode (no BN update, no gradients)
 HeldOutDrop = Callable[[ZipperNet], Mapping[str, float]]
 
@@ -175,6 +177,7 @@ def calibrate(
     runtime: Runtime = CPU,
     resume_key: Mapping[str, object] | None = None,
     on_step: StepCallback | None = None,
+    on_progress: ProgressCallback | None = None,
     held_out_drop: HeldOutDrop | None = None,
 ) -> dict[str, list]:
     """Calibrate `net` in place on `runtime`'s device (left on the CPU after); returns per-step
@@ -190,7 +193,8 @@ def calibrate(
     or exploded loss (`zipper.guard`) stops with an error and leaves that last good checkpoint in place.
     Under torch.distributed
     each process holds its rows of every global batch (`zipper.parallel`). `on_step(step, net)`
-    runs after every optimizer step (evaluation, early stopping).
+    runs after every optimizer step (evaluation, early stopping); `on_progress(index, values)` gets the
+    step's curve values on the main process.
     """
     torch.manual_seed(cfg.seed)
     for t in teachers.values():
@@ -239,6 +243,8 @@ def calibrate(
                 hint=_hint(partial_path),
             )
             bar.set_postfix(loss=f"{curves['loss'][-1]:.3f}")
+            if on_progress is not None and runtime.is_main:
+                on_progress(step, {k: curves[k][-1] for k in ("loss", "ce", "distill", "lr")})
             if runtime.is_main and ((step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps):
                 log.info(PROGRESS_LINE, net.depth, step + 1, cfg.steps, curves["loss"][-1])
             stop = _check(net, cfg, step + 1, curves, held_out_drop, runtime)

@@ -46,7 +46,7 @@ def _stage(name: str):
 
 
 def _run_stage(name: str, params, args: argparse.Namespace) -> int | None:
-    from . import runtime, stages
+    from . import live, runtime, stages
 
     runtime.set_threads(params.runtime.threads if args.threads is None else args.threads)
     if name in DATA_PARALLEL_STAGES and params.runtime.nproc_per_node > 1 and not runtime.launched_by_torchrun():
@@ -65,8 +65,15 @@ def _run_stage(name: str, params, args: argparse.Namespace) -> int | None:
     extra = {"depth": args.depth} if hasattr(args, "depth") else {}
     if getattr(args, "task", None):
         extra["tasks"] = args.task
+    layout = _layout(args)
     with runtime.distributed(params.runtime):
-        result = fn(params, _layout(args), **extra)
+        if name == "zip":
+            with live.calibration_logged(params, layout, args.depth) as on_progress:
+                result = fn(params, layout, on_progress=on_progress, **extra)
+        else:
+            result = fn(params, layout, **extra)
+    if name == "evaluate":
+        live.log_evaluation(params, layout, result)
     if isinstance(result, str):
         print(result)
     return None

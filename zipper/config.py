@@ -112,6 +112,7 @@ class TrackingConfig:
     uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite file mlflow.db at the project root (made absolute)
     experiment: str = "zipper"
     registered_model: str = "zipper"
+    live: bool = True  # zip and evaluate log each depth as they finish; false: register logs them all at the end
 
     def __post_init__(self) -> None:
         if urlsplit(self.uri).password:  # params are committed, logged, and copied into dvc.lock

@@ -29,6 +29,7 @@ TABLE, SUMMARY, DEPTHS, ACCURACY_PLOT, RATIOS_PLOT = (
 PLOTS = (ACCURACY_PLOT, RATIOS_PLOT)  # each also as .svg beside it
 REPORT_FILES = (TABLE, SUMMARY, DEPTHS, *PLOTS, *(p.replace(".png", ".svg") for p in PLOTS))
 MLFLOW_RUNS = f"{REPORTS}/mlflow.json"  # run ids of this machine's MLflow store: not committed
+PIPELINE_RUN = ".zipper-mlflow.json"  # the open MLflow pipeline run, found there by each stage process of it
 COMMITTED = (TEACHER_METRICS, METRICS, *REPORT_FILES)  # small outputs that live in git, not the DVC cache
 
 DATA_PARALLEL_STAGES = ("teachers", "zip")  # the stages that train (torchrun); the rest run in one process
@@ -82,6 +83,10 @@ class Layout:
     @property
     def mlflow_runs(self) -> Path:
         return self.path(MLFLOW_RUNS)
+
+    @property
+    def pipeline_run(self) -> Path:
+        return self.path(PIPELINE_RUN)
 
 
 @dataclass(frozen=True)

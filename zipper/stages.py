@@ -13,13 +13,16 @@ import logging
 import shutil
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
 from . import locks
 from .config import Params
 from .graph import Layout
 from .io import sha256_file, write_json, write_text
 from .runtime import CPU, Runtime
+
+if TYPE_CHECKING:
+    from .calibrate import ProgressCallback
 
 log = logging.getLogger(__name__)
 
@@ -240,8 +243,9 @@ def held_out_drop(
 
 
 # ------------------------------------------------------------------------------------------ zip
-def run_zip(params: Params, layout: Layout, depth: int) -> None:
-    """Depth 0: the teachers side by side. Depth k: merge block k into the calibrated depth k-1, calibrate."""
+def run_zip(params: Params, layout: Layout, depth: int, on_progress: ProgressCallback | None = None) -> None:
+    """Depth 0: the teachers side by side. Depth k: merge block k into the calibrated depth k-1, calibrate
+    (`on_progress` follows its steps: `zipper.calibrate.calibrate`)."""
     from .calibrate import calibrate, steps_to_recover
     from .merge import deepen, side_by_side
     from .merge import load as load_zipper
@@ -304,6 +308,7 @@ def run_zip(params: Params, layout: Layout, depth: int) -> None:
             partial_path=layout.partial(depth),
             runtime=runtime,
             resume_key=resume_key,
+            on_progress=on_progress,
             held_out_drop=check,
         )
     if not runtime.is_main:

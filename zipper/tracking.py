@@ -1,7 +1,9 @@
 """MLflow: one parent run per pipeline run, one nested run and one logged model (`depth-<k>`) per depth.
 
-The registry holds only what someone promotes: `promote` registers the chosen depth's logged model (once)
-and points the `champion` alias at it; never the deprecated stages.
+The stages log as they finish (`zipper.live`), each process finding the open pipeline run in the root's
+state file; `register` logs what they did not and closes it. The registry holds only what someone
+promotes: `promote` registers the chosen depth's logged model (once) and points the `champion` alias at
+it; never the deprecated stages.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
+import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from importlib import metadata
@@ -22,7 +26,7 @@ from typing import Any, Iterator, Sequence
 from urllib.parse import urlsplit, urlunsplit
 
 from .config import Params, TrackingConfig
-from .io import sha256_json
+from .io import sha256_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +36,13 @@ URI_VARIABLES = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")  # a user's choic
 MODEL_TAGS = {"depth", "max_drop_pp", "pipeline_run"}  # what promote reads from a logged model
 DESCRIPTION_TAG = "zipper.description"  # a logged model's summary; promote makes it its version's description
 PARENT_METRICS = ("max_drop_pp", "speedup", "macs_ratio")  # on the parent run against step = depth, beside acc_<task>
+PREFECT_URL_VARIABLE = "ZIPPER_PREFECT_FLOW_RUN_URL"  # Prefect's own names its flow run's id, not its URL
+PREFECT_VARIABLES = {
+    "PREFECT__FLOW_RUN_ID": "zipper.prefect_flow_run_id",
+    PREFECT_URL_VARIABLE: "zipper.prefect_flow_run_url",
+}
+DEPTH_TAG = "zipper.depth"  # on a depth's nested run
+CURVE_KEYS = ("loss", "ce", "distill", "lr")  # a calibration's per-step curves
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PACKAGE = Path(__file__).parent  # shipped inside every logged model
 MODEL_REQUIREMENTS = ("torch", "torchvision", "numpy", "pandas", "pillow")  # what it imports, pinned as installed
@@ -52,6 +63,7 @@ def connect(cfg: TrackingConfig, root: Path, *, set_experiment: bool = False):
     import mlflow
 
     uri = cfg.tracking_uri(root)
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # its bars would break the stages' lines
     with _store_lock(uri):  # the first use creates or migrates a sqlite store: one process at a time
         with _environment_kept(URI_VARIABLES):  # mlflow exports the URIs; no child may inherit this root's
             mlflow.set_tracking_uri(uri)
@@ -85,8 +97,14 @@ def _store_lock(uri: str) -> Iterator[None]:
         yield
         return
     path = Path(parts.path[1:])  # sqlite:///relative/file, sqlite:////absolute/file
+    with _locked(path.with_name(f".{path.name}.lock")):
+        yield
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(f".{path.name}.lock"), "a") as f:
+    with open(path, "a") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         yield
 
@@ -102,77 +120,150 @@ def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
 
 
 def log_pipeline(params: Params, layout, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Log a finished pipeline: parent run (params, report), nested run + logged model per depth."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    from .data import read_manifest
-
+    """Complete and close the root's pipeline run: its params' report and teacher metrics, and every depth
+    the zip and evaluate stages did not log as they ran (under DVC's or Prefect's cache they did not run)."""
     root = Path(layout.root).resolve()
     client = connect(params.tracking, root, set_experiment=True)
-    experiment = mlflow.get_experiment_by_name(params.tracking.experiment)
-    assert experiment is not None  # connect(set_experiment=True) made it
-    fail_interrupted_runs(client, experiment.experiment_id, root)
-    name = params.tracking.registered_model
-    classes = {t: read_manifest(layout.shards(t), verify=False)["classes"] for t in params.tasks}
+    parent = open_pipeline_run(client, params, layout)
     summary: dict[str, Any] = {
         "tracking_uri": redacted(params.tracking.tracking_uri(root)),
-        "registered_model": name,
+        "registered_model": params.tracking.registered_model,
+        "parent_run_id": parent,
         "depths": {},
     }
-    with (
-        tempfile.TemporaryDirectory() as tmp,
-        mlflow.start_run(
-            run_name=f"zipper {'+'.join(params.tasks)}", tags={ROOT_TAG: str(root), **_made_by(params, root)}
-        ) as parent,
-    ):
-        summary["parent_run_id"] = parent.info.run_id
-        mlflow.log_params({k: str(v)[:500] for k, v in _flatten(asdict(params)).items()})
-        mlflow.log_metrics({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()})
-        for row in rows:  # MLflow's chart view then draws them against depth
-            mlflow.log_metrics(_over_depth(row), step=row["depth"])
-        for path in sorted(layout.reports.glob("*")):
-            if path.suffix in (".md", ".png", ".json") and path.name != "mlflow.json":
-                mlflow.log_artifact(str(path), artifact_path="report")
-        classes_path = Path(tmp) / "classes.json"
-        classes_path.write_text(json.dumps(classes))
-        signature, example = _signature(params.tasks), _input_example(params.teachers.input_size)
-        for row in rows:
-            depth = row["depth"]
-            with mlflow.start_run(run_name=f"depth {depth}", nested=True) as run:
-                mlflow.log_params(
-                    {"depth": depth, "scope": row["scope"], "init": row["init"], "targets": row["targets"]}
-                )
-                mlflow.log_metrics(_depth_metrics(row))
-                curves = json.loads(layout.curves(depth).read_text())
-                when = int(layout.curves(depth).stat().st_mtime * 1000)  # the depth's calibration ended then
-                metrics = [
-                    Metric(key, float(v), when, step)
-                    for key in ("loss", "ce", "distill", "lr")
-                    for step, v in enumerate(curves[key])
-                ]
-                metrics += [
-                    Metric(f"holdout_drop_pp_{t}", float(d), when, c["step"])
-                    for c in curves.get("checks", [])
-                    for t, d in c["drop_pp"].items()
-                ]
-                for i in range(0, len(metrics), 1000):
-                    client.log_batch(run.info.run_id, metrics=metrics[i : i + 1000])
-                mlflow.log_artifact(str(layout.curves(depth)), artifact_path="calibration")
-                info = mlflow.pyfunc.log_model(
-                    name=f"depth-{depth}",
-                    python_model=str(MODEL_CODE),
-                    artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes_path)},
-                    code_paths=[str(PACKAGE)],  # so it loads where zipper is not installed
-                    pip_requirements=[f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS],
-                    signature=signature,
-                    input_example=example,
-                    tags=_model_tags(row, parent.info.run_id),
-                )
-                mlflow.log_metrics(_depth_metrics(row), model_id=info.model_id)  # shown on the model's page
-                summary["depths"][str(depth)] = {"run_id": run.info.run_id, "model_id": info.model_id}
-                log.info("depth %d logged as run %s, model %s", depth, run.info.run_id, info.model_id)
+    client.log_batch(parent, metrics=metric_points({f"teacher_acc_{t}": a for t, a in rows[0]["teacher_acc"].items()}))
+    for path in sorted(layout.reports.glob("*")):
+        if path.suffix in (".md", ".png", ".json") and path.name != "mlflow.json":
+            client.log_artifact(parent, str(path), "report")
+    for row in rows:
+        summary["depths"][str(row["depth"])] = log_depth(client, parent, params, layout, row)
+    client.set_terminated(parent, "FINISHED")
     return summary
+
+
+def open_pipeline_run(client, params: Params, layout) -> str:
+    """The root's open pipeline run (the parent run) for these params, started if there is none. Every stage
+    process of one pipeline run finds its id in the root's state file; one left RUNNING by other params
+    was interrupted and is marked FAILED."""
+    from mlflow.entities import Param
+    from mlflow.exceptions import MlflowException
+
+    root = Path(layout.root).resolve()
+    digest = sha256_json({k: v for k, v in asdict(params).items() if k != "tracking"})  # what it computes
+    with _locked(layout.pipeline_run.with_name(f"{layout.pipeline_run.name}.lock")):
+        state = json.loads(layout.pipeline_run.read_text()) if layout.pipeline_run.is_file() else {}
+        if state.get("params_sha256") == digest:
+            try:
+                if client.get_run(state["run_id"]).info.status == "RUNNING":
+                    return state["run_id"]
+            except MlflowException:  # another store now, or deleted
+                pass
+        experiment_id = client.get_experiment_by_name(params.tracking.experiment).experiment_id  # connect made it
+        fail_interrupted_runs(client, experiment_id, root)
+        run = client.create_run(
+            experiment_id,
+            run_name=f"zipper {'+'.join(params.tasks)}",
+            tags={ROOT_TAG: str(root), **_made_by(params, root)},
+        )
+        flat = _flatten(asdict(params))
+        client.log_batch(run.info.run_id, params=[Param(k, str(v)[:500]) for k, v in flat.items()])
+        write_json(layout.pipeline_run, {"run_id": run.info.run_id, "params_sha256": digest})
+        log.info("MLflow pipeline run %s started for %s", run.info.run_id, root)
+        return run.info.run_id
+
+
+def depth_run(client, parent: str, depth: int, *, new: bool = False):
+    """The newest nested run of `depth` in pipeline run `parent`, started now if there is none. `new`: a new
+    attempt (a zip stage calibrating), started after marking an unfinished earlier one FAILED."""
+    from mlflow.entities import RunStatus
+
+    experiment_id = client.get_run(parent).info.experiment_id
+    found = client.search_runs(
+        [experiment_id],
+        f"tags.mlflow.parentRunId = '{parent}' and tags.`{DEPTH_TAG}` = '{depth}'",
+        order_by=["attributes.start_time DESC"],
+    )
+    if found and not new:
+        return found[0]
+    for run in found:
+        if run.info.status == "RUNNING":  # killed before it could say so
+            client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.FAILED))
+    tags = {"mlflow.parentRunId": parent, DEPTH_TAG: str(depth)}
+    return client.create_run(experiment_id, run_name=f"depth {depth}", tags=tags)
+
+
+def log_depth(client, parent: str, params: Params, layout, row: dict[str, Any]) -> dict[str, Any]:
+    """A depth's evaluation into its nested run (its calibration curves too, unless zip logged them as they
+    came), its checkpoint as logged model `depth-<k>`, its point on the parent's depth-step curves; then the
+    run is FINISHED. One already FINISHED is left as it is."""
+    import mlflow
+    from mlflow.entities import Param
+
+    depth = row["depth"]
+    run = depth_run(client, parent, depth)
+    run_id = run.info.run_id
+    if run.info.status == "FINISHED":
+        return {"run_id": run_id}
+    names = ("scope", "init", "targets")
+    client.log_batch(
+        run_id,
+        metrics=metric_points(_depth_metrics(row)),
+        params=[Param("depth", str(depth)), *(Param(k, str(row[k])) for k in names)],
+    )
+    if not client.get_metric_history(run_id, "loss"):
+        _log_curves(client, run_id, layout.curves(depth))
+    client.log_artifact(run_id, str(layout.curves(depth)), "calibration")
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+        # The signature is given, so MLflow's advice to infer one from type hints does not apply.
+        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
+        classes = Path(tmp) / "classes.json"
+        classes.write_text(json.dumps({t: _classes(layout, t) for t in params.tasks}))
+        info = mlflow.pyfunc.log_model(
+            name=f"depth-{depth}",
+            python_model=str(MODEL_CODE),
+            artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes)},
+            code_paths=[str(PACKAGE)],  # so it loads where zipper is not installed
+            pip_requirements=[f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS],
+            signature=_signature(params.tasks),
+            input_example=_input_example(params.teachers.input_size),
+            tags=_model_tags(row, parent),
+        )
+        mlflow.log_metrics(_depth_metrics(row), model_id=info.model_id)  # shown on the model's page
+    client.log_batch(parent, metrics=metric_points(_over_depth(row), step=depth))  # MLflow's charts: against depth
+    client.set_terminated(run_id, "FINISHED")
+    log.info("depth %d logged as MLflow run %s, model %s", depth, run_id, info.model_id)
+    return {"run_id": run_id, "model_id": info.model_id}
+
+
+def _classes(layout, task: str) -> list[str]:
+    from .data import read_manifest
+
+    return read_manifest(layout.shards(task), verify=False)["classes"]
+
+
+def metric_points(values: dict[str, float], *, step: int = 0) -> list:
+    """MLflow metric points stamped now."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, float(v), now, step) for k, v in values.items()]
+
+
+def _log_curves(client, run_id: str, path: Path) -> None:
+    """Curves of a calibration nobody logged as it ran: each point stamped when the depth's calibration
+    ended (the file's time), never the 1970 of a missing timestamp."""
+    from mlflow.entities import Metric
+
+    curves = json.loads(path.read_text())
+    when = int(path.stat().st_mtime * 1000)
+    points = [Metric(k, float(v), when, step) for k in CURVE_KEYS for step, v in enumerate(curves[k])]
+    points += [
+        Metric(f"holdout_drop_pp_{t}", float(d), when, c["step"])
+        for c in curves.get("checks", [])
+        for t, d in c["drop_pp"].items()
+    ]
+    for i in range(0, len(points), 1000):
+        client.log_batch(run_id, metrics=points[i : i + 1000])
 
 
 def _model_tags(row: dict[str, Any], pipeline_run: str) -> dict[str, str]:
@@ -252,14 +343,22 @@ def _made_by(params: Params, root: Path) -> dict[str, str]:
         tags.update({"mlflow.source.git.commit": commit.stdout.strip(), "zipper.git_dirty": str(bool(changes)).lower()})
     if os.environ.get("DVC_EXP_NAME"):  # set by `dvc exp run`
         tags["zipper.dvc_experiment"] = os.environ["DVC_EXP_NAME"]
-    if "prefect" in sys.modules:  # registering inside a flow run (never imported for DVC's stage commands)
-        from prefect.runtime import flow_run
-
-        if flow_run.id:
-            tags["zipper.prefect_flow_run_id"] = str(flow_run.id)
-        if flow_run.id and flow_run.ui_url:  # a server with a UI
-            tags["zipper.prefect_flow_run_url"] = str(flow_run.ui_url)
+    prefect = {v: os.environ[v] for v in PREFECT_VARIABLES if os.environ.get(v)} | flow_run_env()
+    tags.update({PREFECT_VARIABLES[v]: value for v, value in prefect.items()})
     return tags
+
+
+def flow_run_env() -> dict[str, str]:
+    """The Prefect flow run this process belongs to, if any, as the variables `_made_by` reads: a flow passes
+    them to its stage commands, which import no Prefect."""
+    if "prefect" not in sys.modules:  # never imported for DVC's stage commands
+        return {}
+    from prefect.runtime import flow_run
+
+    ids = {"PREFECT__FLOW_RUN_ID": flow_run.id}
+    if flow_run.id:
+        ids[PREFECT_URL_VARIABLE] = flow_run.ui_url  # None without a server UI
+    return {k: str(v) for k, v in ids.items() if v}
 
 
 def _depth_metrics(row: dict[str, Any]) -> dict[str, float]:

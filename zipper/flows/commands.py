@@ -21,6 +21,7 @@ from prefect.exceptions import MissingContextError
 from prefect.logging import get_run_logger
 
 from zipper.locks import held_by_parent
+from zipper.tracking import flow_run_env
 
 log = logging.getLogger(__name__)
 
@@ -132,4 +133,5 @@ def run_stage_command(
         raise ValueError(
             f"{stage} runs as its command, which needs the flow run's command-line options (cli=cli_args(...))"
         )
-    run_command(stage_command(stage, cli, arg, threads), env=held_by_parent(root), on_line=on_line)
+    env = {**held_by_parent(root), **flow_run_env()}
+    run_command(stage_command(stage, cli, arg, threads), env=env, on_line=on_line)

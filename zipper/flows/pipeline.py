@@ -41,8 +41,8 @@ from prefect.artifacts import (
 from prefect.context import FlowRunContext
 from prefect.futures import PrefectFuture, as_completed
 
+from zipper import live, stages
 from zipper import runtime as zruntime
-from zipper import stages
 from zipper.calibrate import PROGRESS_PATTERN
 from zipper.config import Params, load_params
 from zipper.graph import DATA_PARALLEL_STAGES, Layout
@@ -136,6 +136,7 @@ def zip_task(
 def evaluate_task(params: Params, layout: Layout, depth: int) -> dict[str, Any]:
     _in_process(params)
     row = stages.run_evaluate(params, layout, depth)
+    live.log_evaluation(params, layout, row)
     return _done("evaluate", params, layout, depth, row=row)
 
 

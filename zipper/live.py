@@ -1,0 +1,84 @@
+"""MLflow while the pipeline runs: the zip stage logs its depth's calibration curves as the steps come, the
+evaluate stage the depth's results and logged model, each into that depth's nested run of the root's open
+pipeline run (`zipper.tracking`), so the UI shows every depth as soon as it is done.
+
+Best effort: a tracking store out of reach costs a warning, never a stage's result; `zipper register` logs
+whatever is missing and closes the pipeline run. `tracking.live: false` leaves it all to register.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator, Mapping, TypeVar
+
+from . import tracking
+from .config import Params
+from .graph import Layout
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+
+def _best_effort(what: str, fn: Callable[..., T], *args: Any) -> T | None:
+    try:
+        return fn(*args)
+    except Exception as e:  # tracking must never cost a computed result: register catches up
+        log.warning("MLflow: %s not logged as it ran (%s: %s); `zipper register` logs it", what, type(e).__name__, e)
+        return None
+
+
+def _enabled(params: Params) -> bool:
+    return params.tracking.live and int(os.environ.get("RANK", "0")) == 0  # one logger under torchrun
+
+
+class CalibrationLog:
+    """A depth's curves into its run as they come, a tenth of the steps at a time (one store write each)."""
+
+    def __init__(self, client, run_id: str, steps: int) -> None:
+        self.client, self.run_id, self.every = client, run_id, max(1, steps // 10)
+        self.pending: list = []
+
+    def __call__(self, index: int, values: Mapping[str, float]) -> None:
+        self.pending += tracking.metric_points(dict(values), step=index)
+        if (index + 1) % self.every == 0:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.pending:
+            pending, self.pending = self.pending, []
+            _best_effort("calibration curves", partial(self.client.log_batch, self.run_id, metrics=pending))
+
+
+def _calibration_log(params: Params, layout: Layout, depth: int) -> CalibrationLog:
+    client = tracking.connect(params.tracking, layout.root, set_experiment=True)
+    run = tracking.depth_run(client, tracking.open_pipeline_run(client, params, layout), depth, new=True)
+    return CalibrationLog(client, run.info.run_id, params.calibrate.steps)
+
+
+@contextmanager
+def calibration_logged(params: Params, layout: Layout, depth: int) -> Iterator[CalibrationLog | None]:
+    """The zip stage's `on_progress` (None when nothing is logged live); a failed calibration fails its run."""
+    logger = _best_effort(f"depth {depth}", _calibration_log, params, layout, depth) if _enabled(params) else None
+    try:
+        yield logger
+    except BaseException:
+        if logger is not None:
+            logger.flush()
+            _best_effort(f"depth {depth}'s failure", logger.client.set_terminated, logger.run_id, "FAILED")
+        raise
+    if logger is not None:
+        logger.flush()
+
+
+def log_evaluation(params: Params, layout: Layout, row: dict[str, Any]) -> None:
+    """The evaluate stage's row (zipper.stages.run_evaluate) into the depth's run, which it then finishes."""
+
+    def log_row() -> None:
+        client = tracking.connect(params.tracking, layout.root, set_experiment=True)
+        tracking.log_depth(client, tracking.open_pipeline_run(client, params, layout), params, layout, row)
+
+    if _enabled(params):
+        _best_effort(f"depth {row['depth']}", log_row)
