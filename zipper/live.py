@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, Callable, Iterator, Mapping, TypeVar
 
 from . import tracking
@@ -26,8 +25,14 @@ def _best_effort(what: str, fn: Callable[..., T], *args: Any) -> T | None:
     try:
         return fn(*args)
     except Exception as e:  # tracking must never cost a computed result: register catches up
-        log.warning("MLflow: %s not logged as it ran (%s: %s); `zipper register` logs it", what, type(e).__name__, e)
+        _warn(what, e)
         return None
+
+
+def _warn(what: str, error: Exception) -> None:
+    log.warning(
+        "MLflow: %s not logged as it ran (%s: %s); `zipper register` logs it", what, type(error).__name__, error
+    )
 
 
 def _enabled(params: Params) -> bool:
@@ -35,11 +40,13 @@ def _enabled(params: Params) -> bool:
 
 
 class CalibrationLog:
-    """A depth's curves into its run as they come, a tenth of the steps at a time (one store write each)."""
+    """A depth's curves into its run as they come, a tenth of the steps at a time (one store write each);
+    after a failed write it stops trying, so a store out of reach stalls calibration once at most."""
 
     def __init__(self, client, run_id: str, steps: int) -> None:
         self.client, self.run_id, self.every = client, run_id, max(1, steps // 10)
         self.pending: list = []
+        self.failed = False
 
     def __call__(self, index: int, values: Mapping[str, float]) -> None:
         self.pending += tracking.metric_points(dict(values), step=index)
@@ -47,9 +54,18 @@ class CalibrationLog:
             self.flush()
 
     def flush(self) -> None:
-        if self.pending:
+        if self.pending and not self.failed:
             pending, self.pending = self.pending, []
-            _best_effort("calibration curves", partial(self.client.log_batch, self.run_id, metrics=pending))
+            try:
+                self.client.log_batch(self.run_id, metrics=pending)
+            except Exception as e:  # as _best_effort, then no more tries
+                self.failed = True
+                _warn("calibration curves", e)
+
+    def end(self, status: str) -> None:
+        self.flush()
+        if not self.failed:
+            _best_effort(f"the calibration's end ({status})", self.client.set_terminated, self.run_id, status)
 
 
 def _calibration_log(params: Params, layout: Layout, depth: int) -> CalibrationLog:
@@ -66,11 +82,10 @@ def calibration_logged(params: Params, layout: Layout, depth: int) -> Iterator[C
         yield logger
     except BaseException:
         if logger is not None:
-            logger.flush()
-            _best_effort(f"depth {depth}'s failure", logger.client.set_terminated, logger.run_id, "FAILED")
+            logger.end("FAILED")
         raise
     if logger is not None:
-        logger.flush()
+        logger.end("FINISHED")  # evaluate reopens it to add the depth's results
 
 
 def log_evaluation(params: Params, layout: Layout, row: dict[str, Any]) -> None:

@@ -17,7 +17,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from contextlib import contextmanager
 from dataclasses import asdict
 from importlib import metadata
@@ -42,6 +41,8 @@ PREFECT_VARIABLES = {
     PREFECT_URL_VARIABLE: "zipper.prefect_flow_run_url",
 }
 DEPTH_TAG = "zipper.depth"  # on a depth's nested run
+LOGGED_TAG = "zipper.logged"  # on a depth's nested run once its evaluation and model are logged
+CHECK_METRIC = "holdout_drop_pp_"  # + task: calibrate.until's checks on the held-out split, against step
 CURVE_KEYS = ("loss", "ce", "distill", "lr")  # a calibration's per-step curves
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 PACKAGE = Path(__file__).parent  # shipped inside every logged model
@@ -149,16 +150,17 @@ def open_pipeline_run(client, params: Params, layout) -> str:
     from mlflow.exceptions import MlflowException
 
     root = Path(layout.root).resolve()
-    digest = sha256_json({k: v for k, v in asdict(params).items() if k != "tracking"})  # what it computes
+    digest = sha256_json({k: v for k, v in asdict(params).items() if k != "tracking"})  # the settings it runs
+    experiment_id = client.get_experiment_by_name(params.tracking.experiment).experiment_id  # connect made it
     with _locked(layout.pipeline_run.with_name(f"{layout.pipeline_run.name}.lock")):
         state = json.loads(layout.pipeline_run.read_text()) if layout.pipeline_run.is_file() else {}
         if state.get("params_sha256") == digest:
             try:
-                if client.get_run(state["run_id"]).info.status == "RUNNING":
-                    return state["run_id"]
-            except MlflowException:  # another store now, or deleted
-                pass
-        experiment_id = client.get_experiment_by_name(params.tracking.experiment).experiment_id  # connect made it
+                info = client.get_run(state["run_id"]).info
+            except MlflowException:  # the state of another store
+                info = None
+            if info and (info.status, info.lifecycle_stage, info.experiment_id) == ("RUNNING", "active", experiment_id):
+                return state["run_id"]
         fail_interrupted_runs(client, experiment_id, root)
         run = client.create_run(
             experiment_id,
@@ -193,46 +195,46 @@ def depth_run(client, parent: str, depth: int, *, new: bool = False):
 
 
 def log_depth(client, parent: str, params: Params, layout, row: dict[str, Any]) -> dict[str, Any]:
-    """A depth's evaluation into its nested run (its calibration curves too, unless zip logged them as they
-    came), its checkpoint as logged model `depth-<k>`, its point on the parent's depth-step curves; then the
-    run is FINISHED. One already FINISHED is left as it is."""
+    """A depth's evaluation into its newest nested run: the curve points zip did not log as they came, the
+    depth's metrics, its checkpoint as logged model `depth-<k>`, its point on the parent's depth-step curves;
+    then the run is tagged logged (and FINISHED). Idempotent: a retry after a failure half way adds nothing
+    twice, and a run already logged is left as it is."""
     import mlflow
     from mlflow.entities import Param
 
     depth = row["depth"]
     run = depth_run(client, parent, depth)
     run_id = run.info.run_id
-    if run.info.status == "FINISHED":
+    if run.data.tags.get(LOGGED_TAG) == "true":
         return {"run_id": run_id}
     names = ("scope", "init", "targets")
-    client.log_batch(
-        run_id,
-        metrics=metric_points(_depth_metrics(row)),
-        params=[Param("depth", str(depth)), *(Param(k, str(row[k])) for k in names)],
-    )
-    if not client.get_metric_history(run_id, "loss"):
-        _log_curves(client, run_id, layout.curves(depth))
+    client.log_batch(run_id, params=[Param("depth", str(depth)), *(Param(k, str(row[k])) for k in names)])
+    _log_missing_curves(client, run, layout.curves(depth))
     client.log_artifact(run_id, str(layout.curves(depth)), "calibration")
-    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-        # The signature is given, so MLflow's advice to infer one from type hints does not apply.
-        warnings.filterwarnings("ignore", ".*Add type hints to the `predict` method", UserWarning)
-        classes = Path(tmp) / "classes.json"
-        classes.write_text(json.dumps({t: _classes(layout, t) for t in params.tasks}))
-        info = mlflow.pyfunc.log_model(
-            name=f"depth-{depth}",
-            python_model=str(MODEL_CODE),
-            artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes)},
-            code_paths=[str(PACKAGE)],  # so it loads where zipper is not installed
-            pip_requirements=[f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS],
-            signature=_signature(params.tasks),
-            input_example=_input_example(params.teachers.input_size),
-            tags=_model_tags(row, parent),
-        )
-        mlflow.log_metrics(_depth_metrics(row), model_id=info.model_id)  # shown on the model's page
-    client.log_batch(parent, metrics=metric_points(_over_depth(row), step=depth))  # MLflow's charts: against depth
-    client.set_terminated(run_id, "FINISHED")
-    log.info("depth %d logged as MLflow run %s, model %s", depth, run_id, info.model_id)
-    return {"run_id": run_id, "model_id": info.model_id}
+    experiment_id = run.info.experiment_id
+    logged = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+    with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
+        if logged:  # by an attempt that failed after it
+            model_id = logged[0].model_id
+        else:
+            classes = Path(tmp) / "classes.json"
+            classes.write_text(json.dumps({t: _classes(layout, t) for t in params.tasks}))
+            model_id = mlflow.pyfunc.log_model(
+                name=f"depth-{depth}",
+                python_model=str(MODEL_CODE),
+                artifacts={"checkpoint": str(layout.zipped(depth)), "classes": str(classes)},
+                code_paths=[str(PACKAGE)],  # so it loads where zipper is not installed
+                pip_requirements=[f"{p}=={metadata.version(p)}" for p in MODEL_REQUIREMENTS],
+                signature=_signature(params.tasks),
+                input_example=_input_example(params.teachers.input_size),
+                tags=_model_tags(row, parent),
+            ).model_id
+        mlflow.log_metrics(_depth_metrics(row))
+        mlflow.log_metrics(_depth_metrics(row), model_id=model_id)  # shown on the model's page
+        client.log_batch(parent, metrics=metric_points(_over_depth(row), step=depth))  # MLflow's charts by depth
+        client.set_tag(run_id, LOGGED_TAG, "true")
+    log.info("depth %d logged as MLflow run %s, model %s", depth, run_id, model_id)
+    return {"run_id": run_id, "model_id": model_id}
 
 
 def _classes(layout, task: str) -> list[str]:
@@ -249,21 +251,26 @@ def metric_points(values: dict[str, float], *, step: int = 0) -> list:
     return [Metric(k, float(v), now, step) for k, v in values.items()]
 
 
-def _log_curves(client, run_id: str, path: Path) -> None:
-    """Curves of a calibration nobody logged as it ran: each point stamped when the depth's calibration
-    ended (the file's time), never the 1970 of a missing timestamp."""
+def _log_missing_curves(client, run, path: Path) -> None:
+    """The calibration's points its zip stage did not log as they came (not live, or resumed from a partial
+    checkpoint in another process), and its held-out checks: stamped when the depth's calibration ended
+    (the file's time), never the 1970 of a missing timestamp."""
     from mlflow.entities import Metric
 
     curves = json.loads(path.read_text())
     when = int(path.stat().st_mtime * 1000)
-    points = [Metric(k, float(v), when, step) for k in CURVE_KEYS for step, v in enumerate(curves[k])]
-    points += [
-        Metric(f"holdout_drop_pp_{t}", float(d), when, c["step"])
-        for c in curves.get("checks", [])
-        for t, d in c["drop_pp"].items()
+    logged = {m.step for m in client.get_metric_history(run.info.run_id, "loss")}
+    points = [
+        Metric(k, float(v), when, step) for k in CURVE_KEYS for step, v in enumerate(curves[k]) if step not in logged
     ]
+    if not any(k.startswith(CHECK_METRIC) for k in run.data.metrics):
+        points += [
+            Metric(f"{CHECK_METRIC}{t}", float(d), when, c["step"])
+            for c in curves.get("checks", [])
+            for t, d in c["drop_pp"].items()
+        ]
     for i in range(0, len(points), 1000):
-        client.log_batch(run_id, metrics=points[i : i + 1000])
+        client.log_batch(run.info.run_id, metrics=points[i : i + 1000])
 
 
 def _model_tags(row: dict[str, Any], pipeline_run: str) -> dict[str, str]:
@@ -315,8 +322,9 @@ def _input_example(size: int):
 
 
 def fail_interrupted_runs(client, experiment_id: str, root: Path) -> None:
-    """A pipeline run of this root still RUNNING was killed mid-register (the root lock rules out a live
-    one): mark it and its depth runs FAILED, so that neither the UI nor `promote` takes it for a result."""
+    """Pipeline runs of this root still RUNNING that no stage will continue (called before another one
+    starts): mark them and their unfinished depth runs FAILED, so that neither the UI nor `promote` takes
+    them for a result."""
     from mlflow.entities import RunStatus
 
     running = "attributes.status = 'RUNNING'"
@@ -480,13 +488,19 @@ def _latest_complete_pipeline_run(client, params: Params, root: str | Path) -> t
     experiment = client.get_experiment_by_name(params.tracking.experiment)
     models = _logged_models(client, experiment.experiment_id) if experiment is not None else []
     complete = [m for m in models if MODEL_TAGS <= m.tags.keys()]
-    for run_id in dict.fromkeys(m.tags["pipeline_run"] for m in sorted(complete, key=lambda m: -m.creation_timestamp)):
+    # A depth calibrated again within one pipeline run (its checkpoint lost, say): its newest model counts.
+    complete = list({(m.tags["pipeline_run"], m.tags["depth"]): m for m in sorted(complete, key=_created)}.values())
+    for run_id in dict.fromkeys(m.tags["pipeline_run"] for m in sorted(complete, key=_created, reverse=True)):
         if client.get_run(run_id).info.status == "FINISHED":
             return run_id, sorted((m for m in complete if m.tags["pipeline_run"] == run_id), key=_depth)
     raise ValueError(
         f"no complete pipeline run in experiment {params.tracking.experiment!r} at "
         f"{redacted(params.tracking.tracking_uri(root))}: run the pipeline (register stage) first"
     )
+
+
+def _created(model) -> int:
+    return model.creation_timestamp
 
 
 def _logged_models(client, experiment_id: str) -> list:
