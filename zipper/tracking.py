@@ -211,8 +211,8 @@ def log_depth(client, parent: str, params: Params, layout, row: dict[str, Any]) 
     client.log_batch(run_id, params=[Param("depth", str(depth)), *(Param(k, str(row[k])) for k in names)])
     _log_missing_curves(client, run, layout.curves(depth))
     client.log_artifact(run_id, str(layout.curves(depth)), "calibration")
-    experiment_id = run.info.experiment_id
-    logged = client.search_logged_models([experiment_id], f"source_run_id = '{run_id}'")
+    calibrated = run.info.end_time if run.info.status == "FINISHED" else None  # by zip, as it ended
+    logged = client.search_logged_models([run.info.experiment_id], f"source_run_id = '{run_id}'")
     with tempfile.TemporaryDirectory() as tmp, mlflow.start_run(run_id=run_id):
         if logged:  # by an attempt that failed after it
             model_id = logged[0].model_id
@@ -233,6 +233,8 @@ def log_depth(client, parent: str, params: Params, layout, row: dict[str, Any]) 
         mlflow.log_metrics(_depth_metrics(row), model_id=model_id)  # shown on the model's page
         client.log_batch(parent, metrics=metric_points(_over_depth(row), step=depth))  # MLflow's charts by depth
         client.set_tag(run_id, LOGGED_TAG, "true")
+    if calibrated:  # the run's duration stays its calibration's: DVC may evaluate long after
+        client.set_terminated(run_id, "FINISHED", end_time=calibrated)
     log.info("depth %d logged as MLflow run %s, model %s", depth, run_id, model_id)
     return {"run_id": run_id, "model_id": model_id}
 
