@@ -150,6 +150,7 @@ def test_tiny_fixture_is_params_yaml_with_these_keys_changed():
         "calibrate.checkpoint_every",
         "evaluate.latency_repeats",
         "evaluate.memory",
+        "tracking.live",  # on in the fixtures that check it (an MLflow import per stage process)
         "runtime.threads",
         "runtime.channels_last",
     }
