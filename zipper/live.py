@@ -68,9 +68,15 @@ class CalibrationLog:
             _best_effort(f"the calibration's end ({status})", self.client.set_terminated, self.run_id, status)
 
 
-def _calibration_log(params: Params, layout: Layout, depth: int) -> CalibrationLog:
+def _pipeline_run(params: Params, layout: Layout) -> tuple[Any, str]:
+    """A client on the store and the root's open pipeline run."""
     client = tracking.connect(params.tracking, layout.root, set_experiment=True)
-    run = tracking.depth_run(client, tracking.open_pipeline_run(client, params, layout), depth, new=True)
+    return client, tracking.open_pipeline_run(client, params, layout)
+
+
+def _calibration_log(params: Params, layout: Layout, depth: int) -> CalibrationLog:
+    client, parent = _pipeline_run(params, layout)
+    run = tracking.depth_run(client, parent, depth, new=True)
     return CalibrationLog(client, run.info.run_id, params.calibrate.steps)
 
 
@@ -92,8 +98,8 @@ def log_evaluation(params: Params, layout: Layout, row: dict[str, Any]) -> None:
     """The evaluate stage's row (zipper.stages.run_evaluate) into the depth's run, which it then finishes."""
 
     def log_row() -> None:
-        client = tracking.connect(params.tracking, layout.root, set_experiment=True)
-        tracking.log_depth(client, tracking.open_pipeline_run(client, params, layout), params, layout, row)
+        client, parent = _pipeline_run(params, layout)
+        tracking.log_depth(client, parent, params, layout, row)
 
     if _enabled(params):
         _best_effort(f"depth {row['depth']}", log_row)
