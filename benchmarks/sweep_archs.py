@@ -5,11 +5,12 @@ with the params file's recipe (data, teachers, features, calibration), the chain
 of the arch: `run_data`, `run_teachers`, `run_features`, `run_zip` for depth 0..L (each depth starting
 from the calibrated one before it), `run_evaluate` per depth. Outputs already under the root are
 reused, so a killed sweep resumes. `--teachers-from` another sweep's root reuses its shards, feature
-caches (linked) and teachers (copied): a second recipe is compared on the same teachers.
+caches (linked) and teachers (copied): a second recipe is compared on the same teachers. The
+tasks are the params file's: `benchmarks/real_pair.py` writes one with a pair of real-image tasks.
 
     .venv/bin/python benchmarks/sweep_archs.py [--params params.yaml] [--root /tmp/zipper-sweep]
         [--archs mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5[:KEY=VALUE]]
-        [--set KEY=VALUE ...] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep]
+        [--set KEY=VALUE ...] [--max-depth K] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep]
 
 Writes `<out>.json` (every row), `<out>.md` (tables + the command) and `<out>.png` (worst drop and
 calibration steps against depth, one line per arch).
@@ -40,9 +41,9 @@ log = logging.getLogger("sweep_archs")
 ARCHS = "mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5"
 
 
-def arch_params(path: str, arch: str, width: float, overrides: dict[str, Any]) -> Params:
+def arch_params(path: str, arch: str, width: float, overrides: dict[str, Any], max_depth: int | None = None) -> Params:
     blocks = build_model(arch, 2, width=width, input_size=32).num_blocks
-    chain = {str(d): d - 1 for d in range(1, blocks + 1)}
+    chain = {str(d): d - 1 for d in range(1, min(blocks, max_depth or blocks) + 1)}
     return load_params(path, {**overrides, "teachers.arch": arch, "teachers.width": width, "zipper.chain": chain})
 
 
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> None:
         "arch alone (e.g. mobilenet_v3_small:1.0:teachers.lr=0.1)",
     )
     ap.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a param, e.g. calibrate.lr=0.03")
+    ap.add_argument("--max-depth", type=int, help="stop the chain at this depth (a recipe probe of the first merges)")
     ap.add_argument("--teachers-from", help="another sweep's root: reuse its shards, caches and teachers")
     ap.add_argument("--label", default="default recipe", help="names the run in the table and plot titles")
     ap.add_argument("--out", default="docs/sweep", help="output prefix: writes .json, .md, .png")
@@ -170,7 +172,9 @@ def main(argv: list[str] | None = None) -> None:
         runs, params = [], None
         for item in args.archs.split(","):
             arch, width, *arch_sets = item.split(":")
-            params = arch_params(args.params, arch, float(width), {**overrides, **parse_overrides(arch_sets)})
+            params = arch_params(
+                args.params, arch, float(width), {**overrides, **parse_overrides(arch_sets)}, args.max_depth
+            )
             folder = f"{arch}-{width}"
             rows = run_arch(
                 params,

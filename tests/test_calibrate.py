@@ -68,6 +68,23 @@ def test_calibration_lowers_loss_and_lifts_accuracy(trained_pair, tmp_path):
     assert not (tmp_path / "partial.pt").exists()  # removed once the depth is done
 
 
+def test_calibrated_bn_statistics_are_those_of_the_final_weights(trained_pair):
+    """Running stats re-estimated after calibration: BN momentum, which decides how far an average over the
+    run lags the weights (torchvision's MobileNetV3: 0.01), leaves the calibrated net unchanged."""
+    teachers, data, _ = trained_pair
+    cfg = CalibrateConfig(steps=6, lr=0.05, bn_reset_batches=3)
+    calibrated = []
+    for momentum in (0.1, 0.0):  # 0.0: running stats frozen while it trains
+        net = zipper.zip_models(teachers, 2)
+        for m in net.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.momentum = momentum
+        calibrate(net, teachers, {t: batches(x, y, 16, seed=3) for t, (x, y) in data.items()}, cfg)
+        calibrated.append(net.state_dict())
+    for key, value in calibrated[0].items():
+        torch.testing.assert_close(calibrated[1][key], value, msg=key)
+
+
 def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(trained_pair, tmp_path):
     teachers, data, _ = trained_pair
     net = zipper.zip_models(teachers, 2)

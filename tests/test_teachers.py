@@ -65,13 +65,14 @@ def test_import_torchvision_mobilenet_v2(tmp_path):
                 m.running_var.uniform_(0.5, 1.5)
     path = tmp_path / "tv.pth"
     torch.save(tv.state_dict(), path)
-    model = import_teacher(path, arch="mobilenet_v2", num_classes=5, width=0.5, input_size=32)
-    x = torch.randn(2, 3, 32, 32)
+    # at 96 px and above the stem has torchvision's stride (below, it keeps the resolution)
+    model = import_teacher(path, arch="mobilenet_v2", num_classes=5, width=0.5, input_size=96)
+    x = torch.randn(2, 3, 96, 96)
     with torch.no_grad():
         torch.testing.assert_close(model(x), tv(x), rtol=0, atol=1e-6)
     # wrapped in a training checkpoint, and with DDP's "module." prefix
     torch.save({"epoch": 3, "model": {f"module.{k}": v for k, v in tv.state_dict().items()}}, tmp_path / "w.pth")
-    wrapped = import_teacher(tmp_path / "w.pth", arch="mobilenet_v2", num_classes=5, width=0.5, input_size=32)
+    wrapped = import_teacher(tmp_path / "w.pth", arch="mobilenet_v2", num_classes=5, width=0.5, input_size=96)
     with torch.no_grad():
         torch.testing.assert_close(wrapped(x), tv(x), rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"classifier 'head.3.1' has 5 classes, the task has 7"):

@@ -32,6 +32,8 @@ def test_every_arch_builds_runs_forward_and_backward(arch, size):
     assert all(p.grad is not None for p in model.parameters())
     logits, feats = model.eval().forward_intermediates(torch.randn(1, 3, size, size))
     assert set(model.pointwise_taps()) <= set(feats) and f"blocks.{model.num_blocks - 1}" in feats
+    # small inputs keep the stem's resolution (CIFAR-style): 32 px ends at 2x2, 224 px at 7x7
+    assert feats[f"blocks.{model.num_blocks - 1}"].shape[-1] == (2 if size == 32 else 7)
 
 
 @pytest.mark.parametrize("scope", ["block", "pointwise"])

@@ -9,6 +9,7 @@ train on the task mix they normalise at inference.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import os
@@ -58,7 +59,7 @@ class CalibrateConfig:
     steps: int = 120
     batch_size: int = 32  # per task
     optimizer: str = "sgd"
-    lr: float = 0.01
+    lr: float = 0.03
     momentum: float = 0.9
     weight_decay: float = 0.0
     schedule: str = "cosine"
@@ -67,7 +68,7 @@ class CalibrateConfig:
     kd_weight: float = 0.0  # logit distillation (0 = off)
     kd_temperature: float = 4.0
     grad_clip: float = 5.0  # max global grad norm (0 = off)
-    bn_reset_batches: int = 10  # re-estimate BN stats on this many batches per task first (0 = off)
+    bn_reset_batches: int = 10  # re-estimate BN stats on this many batches per task before and after (0 = off)
     checkpoint_every: int = 50  # steps between resumable partial checkpoints
     seed: int = 0
     until: UntilConfig | None = None  # None: always `steps`; else `steps` is the most a depth may take
@@ -132,12 +133,35 @@ def task_loss(
     return ce, l1
 
 
-def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int, runtime: Runtime = CPU) -> None:
-    """Re-estimate BN running stats on `batches` steps of calibration data, the tasks mixed as in
-    calibration (`forward_per_task`)."""
-    steps = ({t: runtime.tensor(next(streams[t])[0]) for t in net.spec.task_names} for _ in range(batches))
+# One calibration step's images per task: what BN running statistics are estimated on.
+BNBatches = list[dict[str, torch.Tensor]]
+
+
+def bn_batches(streams: Mapping[str, Stream], batches: int) -> BNBatches:
+    return [{t: next(stream)[0] for t, stream in streams.items()} for _ in range(batches)]
+
+
+def reestimate_bn(net: ZipperNet, batches: BNBatches, runtime: Runtime = CPU) -> None:
+    """Reset BN running stats and re-estimate them on `batches`, the tasks mixed as in calibration
+    (`forward_per_task`)."""
+    steps = ({t: runtime.tensor(x) for t, x in step.items()} for step in batches)
     with runtime.autocast():
-        reset_bn_stats(net, steps, net.forward_per_task, max_batches=batches)
+        reset_bn_stats(net, steps, net.forward_per_task, max_batches=len(batches))
+
+
+def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int, runtime: Runtime = CPU) -> None:
+    """Re-estimate BN running stats on the next `batches` steps of `streams`."""
+    reestimate_bn(net, bn_batches(streams, batches), runtime)
+
+
+def with_fresh_bn(net: ZipperNet, batches: BNBatches, runtime: Runtime = CPU) -> ZipperNet:
+    """A copy of `net` with the BN statistics of its current weights, as calibration ends (`net` as it is
+    when `batches` is empty)."""
+    if not batches:
+        return net
+    fresh = copy.deepcopy(net)
+    reestimate_bn(fresh, batches, runtime)
+    return fresh.eval()
 
 
 def make_optimizer(cfg: CalibrateConfig, params) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
@@ -215,11 +239,13 @@ def calibrate(
         }
     )
     with data_parallel(net, runtime, "forward_per_task") as forward:
+        # The same images estimate BN statistics before calibration, at each held-out check and after it.
+        bn_data = bn_batches(streams, cfg.bn_reset_batches)
         start = _resume(partial_path, key, net, opt, sched, scaler, curves)
         if start:  # the streams and RNG where the interrupted run had them
-            _skip(streams, cfg.bn_reset_batches + start)
-        elif cfg.bn_reset_batches:
-            reset_bn_on_streams(net, streams, cfg.bn_reset_batches, runtime)
+            _skip(streams, start)
+        elif bn_data:
+            reestimate_bn(net, bn_data, runtime)
         net.train()
         bar = tqdm(
             range(start, cfg.steps),
@@ -247,7 +273,7 @@ def calibrate(
                 on_progress(step, {k: curves[k][-1] for k in ("loss", "ce", "distill", "lr")})
             if runtime.is_main and ((step + 1) % max(1, cfg.steps // 10) == 0 or step + 1 == cfg.steps):
                 log.info(PROGRESS_LINE, net.depth, step + 1, cfg.steps, curves["loss"][-1])
-            stop = _check(net, cfg, step + 1, curves, held_out_drop, runtime)
+            stop = _check(net, cfg, step + 1, curves, held_out_drop, bn_data, runtime)
             if partial_path and runtime.is_main and (step + 1) % cfg.checkpoint_every == 0 and step + 1 < cfg.steps:
                 save_torch(
                     {
@@ -266,6 +292,10 @@ def calibrate(
                 on_step(step + 1, net)
             if stop:
                 break
+        # Running stats are an average over the whole calibration, most of it of earlier weights (torchvision's
+        # MobileNetV3 BNs keep 99% per step): the calibrated weights get their own (docs/sweep.md).
+        if bn_data:
+            reestimate_bn(net, bn_data, runtime)
     net.eval().cpu()
     if partial_path and runtime.is_main:
         Path(partial_path).unlink(missing_ok=True)
@@ -281,13 +311,20 @@ def calibrate(
 
 
 def _check(
-    net: ZipperNet, cfg: CalibrateConfig, step: int, curves: dict, held_out_drop: HeldOutDrop | None, runtime: Runtime
+    net: ZipperNet,
+    cfg: CalibrateConfig,
+    step: int,
+    curves: dict,
+    held_out_drop: HeldOutDrop | None,
+    bn_data: BNBatches,
+    runtime: Runtime,
 ) -> str | None:
-    """At every `until.check_every` steps: record the held-out drops; the reason to stop, if any."""
+    """At every `until.check_every` steps: record the held-out drops of the net as it would end here (on a
+    copy, BN statistics re-estimated: the calibration run is not altered); the reason to stop, if any."""
     until = cfg.until
     if until is None or held_out_drop is None or step % until.check_every:
         return None
-    drops = dict(held_out_drop(net))  # in eval mode, without gradients: the calibration run is not altered
+    drops = dict(held_out_drop(with_fresh_bn(net, bn_data, runtime)))
     # every process decides on the same numbers (each one's BN statistics may differ in the last bits)
     drops = dict(zip(drops, mean_over_processes(list(drops.values()), runtime)))
     w = until.check_every

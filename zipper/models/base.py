@@ -13,6 +13,11 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
+# Below this input size the stem keeps the resolution (CIFAR-style): at 32 px a stride-2 stem leaves the
+# torchvision nets 1x1 maps from their middle blocks on, and MobileNetV2 teachers do not train
+# (docs/sweep.md). Strides hold no weights: checkpoints load at any input size.
+SMALL_INPUT = 96
+
 
 class Backbone(nn.Module):
     """`stem -> blocks[0..L-1] -> head`. Shared positions may be `nn.Identity` (see ZipperNet)."""

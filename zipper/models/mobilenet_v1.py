@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import Backbone
+from .base import SMALL_INPUT, Backbone
 
 # (output channels, stride) of the 13 blocks at width 1.0.
 V1_BLOCKS: tuple[tuple[int, int], ...] = (
@@ -23,8 +23,6 @@ V1_BLOCKS: tuple[tuple[int, int], ...] = (
     (1024, 1),
 )
 STEM_CHANNELS = 32
-# Below this input size the stem keeps the resolution (CIFAR-style), so 32 px still ends at 2x2.
-SMALL_INPUT = 96
 
 
 def conv_bn_relu(cin: int, cout: int, kernel: int, *, stride: int = 1, groups: int = 1) -> nn.Sequential:

@@ -6,12 +6,14 @@ from typing import Callable, cast
 
 from torch import nn
 
-from .base import Backbone
+from .base import SMALL_INPUT, Backbone
 
 
 def _adapt(arch: str, net: nn.Module, num_classes: int, width: float, input_size: int) -> Backbone:
     # torchvision: features[0] is the stem conv, features[-1] the last 1x1 conv; in between the blocks.
     features = list(cast(nn.Sequential, net.features))
+    if input_size < SMALL_INPUT:
+        cast(nn.Conv2d, cast(nn.Sequential, features[0])[0]).stride = (1, 1)
     head = nn.Sequential(features[-1], nn.AdaptiveAvgPool2d(1), nn.Flatten(1), cast(nn.Module, net.classifier))
     return Backbone(
         arch, features[0], features[1:-1], head, num_classes=num_classes, width=width, input_size=input_size
