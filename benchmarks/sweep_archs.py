@@ -10,7 +10,7 @@ tasks are the params file's: `benchmarks/real_pair.py` writes one with a pair of
 
     .venv/bin/python benchmarks/sweep_archs.py [--params params.yaml] [--root /tmp/zipper-sweep]
         [--archs mobilenet_v1:0.25,mobilenet_v2:0.5,mobilenet_v3_small:1.0,mobilenet_v3_large:0.5[:KEY=VALUE]]
-        [--set KEY=VALUE ...] [--max-depth K] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep]
+        [--set KEY=VALUE ...] [--max-depth K] [--teachers-from ROOT] [--label TEXT] [--out docs/sweep-embedded]
 
 Writes `<out>.json` (every row), `<out>.md` (tables + the command) and `<out>.png` (worst drop and
 calibration steps against depth, one line per arch).
@@ -114,6 +114,10 @@ def write_markdown(path: Path, result: dict[str, Any]) -> None:
             f"| {r['arch']} {r['width']:g} | {teachers} | {max(x['max_drop_pp'] for x in rows):.2f} | "
             f"{max(x['max_drop_pp'] for x in rows[:3]):.2f} | {sum(x['steps'] for x in rows)} |"
         )
+    merged = [r for r in runs if "command" in r]  # runs of several sweeps, merged into one result
+    if merged:
+        lines += ["", "Each run's sweep:", ""]
+        lines += [f"- {r['arch']} {r['width']:g} ({r['calibrate']}): `{r['command']}`" for r in merged]
     lines += ["", f"![worst drop against depth]({path.with_suffix('.png').name})", ""]
     write_text(path, "\n".join(lines))
 
@@ -159,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--max-depth", type=int, help="stop the chain at this depth (a recipe probe of the first merges)")
     ap.add_argument("--teachers-from", help="another sweep's root: reuse its shards, caches and teachers")
     ap.add_argument("--label", default="default recipe", help="names the run in the table and plot titles")
-    ap.add_argument("--out", default="docs/sweep", help="output prefix: writes .json, .md, .png")
+    ap.add_argument("--out", default="docs/sweep-embedded", help="output prefix: writes .json, .md, .png")
     ap.add_argument("--render-only", action="store_true", help="rewrite <out>.md and <out>.png from <out>.json")
     args = ap.parse_args(argv)
     out = Path(args.out)
