@@ -4,11 +4,11 @@ For every depth k in a set, every seed and every init, starting from the teacher
 the chain); a seed fixes the calibration data order, the same for every init, so gaps are paired:
 
 1. `zip_models(teachers, k, init=...)`, then BN running stats re-estimated on calibration data
-   (`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration)
+   (`reestimate_bn`: all tasks' images through the trunk together, as in calibration)
    -> per-task val accuracy "before";
 2. `zipper.calibrate.calibrate` for a fixed budget, paused every `--eval-every` steps to measure
-   val accuracy -> accuracy "after" and the first evaluated step at which every task is within
-   1 point of its teacher.
+   val accuracy (of a copy, BN statistics re-estimated on the same batches: `with_fresh_bn`)
+   -> accuracy "after" and the first evaluated step at which every task is within 1 point of its teacher.
 
     .venv/bin/python benchmarks/compare_inits.py [--params params.yaml] [--root /tmp/zipper-compare]
         [--depths 1,2,3,5,7,9,11,13 | all] [--steps 150] [--eval-every 25] [--batch-size 64]
@@ -42,7 +42,7 @@ from typing import Any, Iterator, Mapping
 
 import torch
 
-from zipper.calibrate import CalibrateConfig, calibrate, reset_bn_on_streams
+from zipper.calibrate import BNBatches, CalibrateConfig, bn_batches, calibrate, reestimate_bn, with_fresh_bn
 from zipper.config import Params, load_params, parse_overrides
 from zipper.data import read_manifest, val_batches
 from zipper.data.features import cache_matches
@@ -92,18 +92,20 @@ def calibrate_with_evals(
     cfg: CalibrateConfig,
     every: int,
     evaluate,
+    bn: BNBatches,
 ) -> tuple[list, dict]:
     """Run `calibrate(net, ...)` for cfg.steps, evaluating after every `every` steps (and the last);
-    returns ([(step, {task: acc})...], curves). Evaluation runs in eval mode without gradients, so
-    the calibration itself is the one an unobserved run makes."""
+    returns ([(step, {task: acc})...], curves). Each evaluation before the last measures a copy with
+    the BN statistics of its weights (re-estimated on `bn`), as calibration would end there; the copy
+    leaves the calibration itself the one an unobserved run makes."""
     evals: list = []
 
     def on_step(step: int, n: ZipperNet) -> None:
-        if step % every == 0 or step == cfg.steps:
-            evals.append((step, evaluate(n)))
+        if step % every == 0 and step < cfg.steps:
+            evals.append((step, evaluate(with_fresh_bn(n, bn))))
 
     curves = calibrate(net, teachers, streams, cfg, on_step=on_step)
-    return evals, curves
+    return evals + [(cfg.steps, evaluate(net))], curves
 
 
 # ------------------------------------------------------------------------------------ sweep
@@ -128,11 +130,12 @@ def run_one(ctx: dict, depth: int, init: str, align_data: list, cfg: CalibrateCo
     t_merge = time.perf_counter() - t0
     # Same data seed for every init of a (depth, seed) unit: identical calibration data order.
     streams, targets = calibration_streams(params, layout, seed=data_seed)
-    reset_bn_on_streams(net, streams, ctx["bn_batches"])
+    bn = bn_batches(streams, ctx["bn_batches"])
+    reestimate_bn(net, bn)
     evaluate = lambda n: evaluate_zipper(n, val)
     before = evaluate(net)
     t1 = time.perf_counter()
-    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate)
+    evals, curves = calibrate_with_evals(net, teachers, streams, cfg, ctx["eval_every"], evaluate, bn)
     t_cal = time.perf_counter() - t1
     evals = [(0, before)] + evals
     row = {
@@ -317,10 +320,11 @@ def write_markdown(path: Path, result: dict) -> None:
         f"- every depth starts from the teachers (`zip_models(teachers, k, init=...)`, scope `{c['scope']}`), "
         "not from the chain;",
         f"- BN running stats re-estimated for every init on {c['bn_reset_batches']} calibration batches per task "
-        "(`reset_bn_on_streams`: all tasks' images through the trunk together, as in calibration) -> **before**;",
+        "(`reestimate_bn`: all tasks' images through the trunk together, as in calibration) -> **before**;",
         f"- then `zipper.calibrate.calibrate`: {c['steps']} steps, batch {c['batch_size']} per task, {c['optimizer']} "
         f"lr {c['lr']} ({c['schedule']}), distill weight {c['distill_weight']}, teacher targets from the "
-        f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps;",
+        f"{result['targets']} -> **after**; val accuracy every {c['eval_every']} steps "
+        "(of a copy, BN statistics re-estimated on the same batches: `with_fresh_bn`);",
         f"- *steps to 1pp*: first evaluated step (0 = before calibration) at which every task is within "
         f"{WITHIN_PP:g} point of its teacher; `>{c['steps']}` = not within budget; the next columns: the same with "
         + " and ".join(f"{pp:g}" for pp in LOOSE_PP)

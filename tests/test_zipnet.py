@@ -48,9 +48,9 @@ def test_depth_zero_is_exactly_the_teachers(tiny_teachers, scope):
 @pytest.mark.parametrize("scope", ["block", "pointwise"])
 @torch.no_grad()
 def test_identical_teachers_give_the_teacher_at_every_depth(arch, scope):
-    teacher = zipper.build_model(arch, 4, width=0.5, input_size=32).eval()
+    teacher = zipper.build_model(arch, 4, width=0.5, input_size=16).eval()
     _randomise_bn(teacher)
-    x = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 3, 16, 16)
     expected = teacher(x)
     net = zipper.zip_models({"a": teacher, "b": teacher}, 0, scope=scope)
     for depth in range(teacher.num_blocks + 1):  # along the chain, as the pipeline walks it

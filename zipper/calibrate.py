@@ -149,11 +149,6 @@ def reestimate_bn(net: ZipperNet, batches: BNBatches, runtime: Runtime = CPU) ->
         reset_bn_stats(net, steps, net.forward_per_task, max_batches=len(batches))
 
 
-def reset_bn_on_streams(net: ZipperNet, streams: Mapping[str, Stream], batches: int, runtime: Runtime = CPU) -> None:
-    """Re-estimate BN running stats on the next `batches` steps of `streams`."""
-    reestimate_bn(net, bn_batches(streams, batches), runtime)
-
-
 def with_fresh_bn(net: ZipperNet, batches: BNBatches, runtime: Runtime = CPU) -> ZipperNet:
     """A copy of `net` with the BN statistics of its current weights, as calibration ends (`net` as it is
     when `batches` is empty)."""
