@@ -24,6 +24,7 @@ import numpy as np
 import yaml
 from PIL import Image
 
+from zipper.data.shards import atomic_dir
 from zipper.io import write_text
 
 PHOTOS = (
@@ -84,7 +85,8 @@ def main(argv: list[str] | None = None) -> None:
     root = Path(args.root).resolve()
     photos = root / "photos"
     if not photos.exists():
-        write_photos(photos, args.n_train, args.n_val, args.seed)
+        with atomic_dir(photos, formats=()) as tmp:  # whole or not at all: a killed run is redone, not reused
+            write_photos(tmp, args.n_train, args.n_val, args.seed)
     params = yaml.safe_load(Path(args.params).read_text())
     params["data"]["tasks"] = {
         "digits": {"source": "digits", "seed": args.seed},
