@@ -16,7 +16,7 @@ from PIL import Image
 
 from zipper.data import MEAN, STD, read_manifest, synthetic, train_batches, val_batches, write_shards
 from zipper.data.shards import iter_samples
-from zipper.preprocess import normalise, resize_center
+from zipper.preprocess import compact, expand, normalise, resize_center
 
 SMALL = {"source": "synthetic", "name": "shapes", "n_train": 40, "n_val": 20, "seed": 3}
 
@@ -115,6 +115,15 @@ def test_train_batches_endless_seeded(shapes_dir):
     images, _ = synthetic.generate("shapes", 40, seed=SMALL["seed"] * 2)
     stored = {im.tobytes() for im in images}
     assert all(im.tobytes() in stored for x, _ in plain for im in unnormalise(x))
+
+
+def test_compact_holds_a_normalised_batch_as_its_images(shapes_dir):
+    x, _ = next(train_batches(shapes_dir, input_size=32, batch_size=8, augment=True, seed=0))
+    images = compact(x)
+    assert images.dtype == torch.uint8 and images.shape == (8, 32, 32, 3)
+    assert torch.equal(expand(images), x)  # the very same floats: BN statistics do not move
+    other = x + 1e-3  # not made by `normalise`: kept as it is
+    assert compact(other) is other and expand(other) is other
 
 
 # --- sources --------------------------------------------------------------------------------------

@@ -32,6 +32,18 @@ def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
     return ((t - _MEAN255) / _STD255).contiguous()
 
 
+def compact(batch: torch.Tensor) -> torch.Tensor:
+    """A `normalise`d batch as the uint8 (N, H, W, 3) images it was made from, a quarter of its memory
+    (`expand` gives back the very same floats); any other batch as it is."""
+    images = (batch * _STD255 + _MEAN255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    return images if torch.equal(normalise(images), batch) else batch
+
+
+def expand(batch: torch.Tensor) -> torch.Tensor:
+    """The inverse of `compact`."""
+    return normalise(batch) if batch.dtype == torch.uint8 else batch
+
+
 def preprocess(images: np.ndarray, size: int) -> torch.Tensor:
     """uint8 (N, H, W, 3) RGB images of any size -> the normalised (N, 3, size, size) batch the validation
     stream makes (shorter side resized, centre crop)."""
