@@ -122,8 +122,8 @@ def test_compact_holds_a_normalised_batch_as_its_images(shapes_dir):
     images = compact(x)
     assert images.dtype == torch.uint8 and images.shape == (8, 32, 32, 3)
     assert torch.equal(expand(images), x)  # the very same floats: BN statistics do not move
-    other = x + 1e-3  # not made by `normalise`: kept as it is
-    assert compact(other) is other and expand(other) is other
+    for other in (x + 1e-3, x[:, :1], x.half()):  # not made by `normalise`: kept as it is
+        assert compact(other) is other and expand(other) is other
 
 
 # --- sources --------------------------------------------------------------------------------------

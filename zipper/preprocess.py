@@ -35,6 +35,8 @@ def normalise(images: np.ndarray | torch.Tensor) -> torch.Tensor:
 def compact(batch: torch.Tensor) -> torch.Tensor:
     """A `normalise`d batch as the uint8 (N, H, W, 3) images it was made from, a quarter of its memory
     (`expand` gives back the very same floats); any other batch as it is."""
+    if batch.dtype != torch.float32 or batch.ndim != 4 or batch.shape[1] != 3:
+        return batch
     images = (batch * _STD255 + _MEAN255).round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     return images if torch.equal(normalise(images), batch) else batch
 
