@@ -76,7 +76,7 @@ class FeaturesConfig:
 @dataclass(frozen=True)
 class ZipperConfig:
     scope: str = "block"
-    init: str = "average"
+    init: str = "activations"
     align_batches: int = 8  # calibration batches per task seen by init "activations"
     # The depth chain for DVC's foreach (stages zip@<depth>): depth -> the depth it starts from.
     # Keys are quoted strings: DVC's foreach silently drops a mapping with integer keys.
