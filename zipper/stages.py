@@ -278,8 +278,11 @@ def run_zip(params: Params, layout: Layout, depth: int, on_progress: ProgressCal
         # Whole global batches on every process: each must find the same permutations.
         whole = replace(runtime, rank=0, world_size=1, num_workers=0)
         align_streams, _ = calibration_streams(params, layout, seed=seed, runtime=whole)
-        align_data = [next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
-        net = deepen_aligned(runtime.module(prev), depth, params.zipper.init, batches=align_data).cpu()
+        # Drawn as matching consumes them: no batch is held longer than its forward pass.
+        align_data = (next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches))
+        net = deepen_aligned(
+            runtime.module(prev), depth, params.zipper.init, batches=align_data, max_batches=None
+        ).cpu()
     streams, targets = calibration_streams(params, layout, seed=seed, runtime=runtime)
     log.info(
         "depth %d: merged from %s (init %s), calibrating with %s teacher targets on %s",
