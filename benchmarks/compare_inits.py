@@ -51,7 +51,7 @@ from zipper.graph import Layout
 from zipper.io import atomic_path, sha256_file, write_text
 from zipper.merge import INITS, ZipperNet, zip_models
 from zipper.models import Backbone
-from zipper.stages import calibration_streams, load_teachers, run_data, run_features, run_teachers
+from zipper.stages import alignment_batches, calibration_streams, load_teachers, run_data, run_features, run_teachers
 
 log = logging.getLogger("compare_inits")
 WITHIN_PP = 1.0  # "close to the teachers": every task within this many points
@@ -210,9 +210,8 @@ def run_unit(depth: int, seed: int) -> list[dict[str, Any]]:
     ctx, params = _CTX, _CTX["params"]
     data_seed = params.calibrate.seed + depth + 1000 * seed
     cfg = dataclasses.replace(ctx["cfg"], seed=seed)
-    # Activation matching reads calibration images of every task (as run_zip does).
-    align_streams, _ = calibration_streams(params, ctx["layout"], seed=data_seed)
-    align_data = [next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches)]
+    # Activation matching reads calibration images of every task (as run_zip does); every init reads the same.
+    align_data = list(alignment_batches(params, ctx["layout"], data_seed))
     return [run_one(ctx, depth, init, align_data, cfg, data_seed) for init in ctx["inits"]]
 
 

@@ -14,7 +14,7 @@ from zipper.merge import load as load_zipper
 from zipper.stages import run_data, run_features, run_teachers, run_zip
 
 TINY = Path(__file__).parent / "fixtures" / "params.tiny.yaml"
-ALIGNED = {"zipper.init": "activations", "zipper.align_batches": 11}  # 22 batches: past align's default cap of 20
+ALIGNED = {"zipper.init": "activations", "zipper.align_batches": 11}  # 22 batches in all
 
 
 @pytest.mark.trains

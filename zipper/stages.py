@@ -22,6 +22,8 @@ from .io import sha256_file, write_json, write_text
 from .runtime import CPU, Runtime
 
 if TYPE_CHECKING:
+    import torch
+
     from .calibrate import ProgressCallback
 
 log = logging.getLogger(__name__)
@@ -210,6 +212,15 @@ def calibration_streams(
     }, "online"
 
 
+def alignment_batches(params: Params, layout: Layout, seed: int, runtime: Runtime = CPU) -> Iterator[torch.Tensor]:
+    """`zipper.align_batches` calibration batches of every task for init "activations", task by task, each
+    drawn when it is consumed: none is held longer than its forward pass."""
+    # Whole global batches on every process: each must find the same permutations.
+    whole = replace(runtime, rank=0, world_size=1, num_workers=0)
+    streams, _ = calibration_streams(params, layout, seed=seed, runtime=whole)
+    return (next(streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches))
+
+
 def held_out_split(params: Params) -> Any:
     """Which train samples no stage trains on (`data.holdout`; None: none), so that calibration can stop on
     them (`calibrate.until`) as on unseen data."""
@@ -275,14 +286,8 @@ def run_zip(params: Params, layout: Layout, depth: int, on_progress: ProgressCal
     else:
         from .merge.align import deepen_aligned
 
-        # Whole global batches on every process: each must find the same permutations.
-        whole = replace(runtime, rank=0, world_size=1, num_workers=0)
-        align_streams, _ = calibration_streams(params, layout, seed=seed, runtime=whole)
-        # Drawn as matching consumes them: no batch is held longer than its forward pass.
-        align_data = (next(align_streams[t])[0] for t in params.tasks for _ in range(params.zipper.align_batches))
-        net = deepen_aligned(
-            runtime.module(prev), depth, params.zipper.init, batches=align_data, max_batches=None
-        ).cpu()
+        batches = alignment_batches(params, layout, seed, runtime)
+        net = deepen_aligned(runtime.module(prev), depth, params.zipper.init, batches=batches).cpu()
     streams, targets = calibration_streams(params, layout, seed=seed, runtime=runtime)
     log.info(
         "depth %d: merged from %s (init %s), calibrating with %s teacher targets on %s",

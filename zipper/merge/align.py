@@ -454,7 +454,7 @@ def find_permutations(
     start_block: int = 0,
     max_iter: int = 100,
     seed: int = 0,
-    max_batches: int | None = 20,
+    max_batches: int | None = None,
     run: Callable[[torch.Tensor], object] | None = None,
 ) -> list[Perms]:
     """Per model, the permutations (group name -> index tensor) that align it to `models[0]`
@@ -462,7 +462,7 @@ def find_permutations(
 
     method "weights": Git Re-Basin weight matching (`max_iter` sweeps, group order seeded by `seed`).
     method "activations": correlation of the models' activations on `batches` (tensors or (x, y)
-    pairs; at most `max_batches`), matched by linear assignment. `run(x)` runs every model on `x`
+    pairs; every one, or the first `max_batches`), matched by linear assignment. `run(x)` runs every model on `x`
     (default: each model in turn; a ZipperNet passes its own forward so branches see the trunk).
     """
     if method not in METHODS:
