@@ -16,7 +16,7 @@ from PIL import Image
 import zipper
 from zipper.preprocess import normalise, resize_center
 
-from .conftest import before_register, cli_env, digests, git, run_ok, stages_ran
+from .conftest import REPO, before_register, cli_env, digests, git, run_ok, stages_ran
 
 DEPTHS = [0, 1, 2, 3]
 
@@ -70,6 +70,23 @@ def test_repro_writes_every_depth_and_logs_it_to_mlflow(project):
     ]
     assert not client.search_model_versions(f"name='{summary['registered_model']}'")  # only promoted depths are
     assert [m.step for m in client.get_metric_history(parent.info.run_id, "max_drop_pp")] == DEPTHS  # chart by depth
+
+
+def test_train_val_drop_reads_the_drops_evaluate_wrote(project):
+    """benchmarks/train_val_drop.py measures val as the evaluate stage does, and train beside it."""
+    out = run_ok(project, sys.executable, str(REPO / "benchmarks/train_val_drop.py"), str(project))
+    lines = [line.strip("|").split("|") for line in out.splitlines() if line.startswith("| ")]
+    header, rows = [c.strip() for c in lines[0]], {r[0].strip(): r for r in lines[1:]}
+    assert header[1:] == ["shapes train", "shapes val", "textures train", "textures val"]
+    assert sorted(rows) == ["1", "2", "3", "teacher accuracy"]
+    for depth in DEPTHS[1:]:
+        metrics = json.loads((project / f"metrics/depth_{depth}.json").read_text())
+        for task in ("shapes", "textures"):
+            drop, agree = rows[str(depth)][header.index(f"{task} val")].replace("(", "").replace(")", "").split()
+            assert float(drop) == pytest.approx(metrics["drop_pp"][task], abs=0.006)
+            assert 0 <= float(agree) <= 100
+            teacher = rows["teacher accuracy"][header.index(f"{task} val")]
+            assert float(teacher) == pytest.approx(100 * metrics["teacher_acc"][task], abs=0.006)
 
 
 def test_each_depth_is_in_mlflow_as_soon_as_it_is_evaluated(project):
