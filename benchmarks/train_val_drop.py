@@ -1,6 +1,6 @@
-"""Is a depth's drop a fit or a generalisation gap? Each calibrated depth against its teachers, on the train
-split (what calibration distils on) and on val: the drop in points and the agreement with the teacher's
-predictions, per task.
+"""Is a depth's drop a fit or a generalisation gap? Each calibrated depth against its teachers, on the
+train split (what calibration distils on, with any held-out samples) and on val: the drop in points and
+the agreement with the teacher's predictions, per task.
 
 A drop on train as large as on val says calibration has not yet matched the teachers on the images it
 trains on (more images per depth help); a drop on val only says the student matched them there and does
