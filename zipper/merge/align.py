@@ -371,7 +371,6 @@ def _activation_matching(
     free: list[str],
     batches: Iterable[object],
     run: Callable[[torch.Tensor], object],
-    max_batches: int | None,
 ) -> list[Perms]:
     """Per group, the correlation between model 0's and model j's channels (summed over the
     group's taps), then the assignment maximising total correlation."""
@@ -392,8 +391,6 @@ def _activation_matching(
     seen = 0
     try:
         for batch in batches:
-            if max_batches is not None and seen >= max_batches:
-                break
             seen += 1
             for f in feats:
                 f.clear()
@@ -454,7 +451,6 @@ def find_permutations(
     start_block: int = 0,
     max_iter: int = 100,
     seed: int = 0,
-    max_batches: int | None = None,
     run: Callable[[torch.Tensor], object] | None = None,
 ) -> list[Perms]:
     """Per model, the permutations (group name -> index tensor) that align it to `models[0]`
@@ -462,8 +458,8 @@ def find_permutations(
 
     method "weights": Git Re-Basin weight matching (`max_iter` sweeps, group order seeded by `seed`).
     method "activations": correlation of the models' activations on `batches` (tensors or (x, y)
-    pairs; every one, or the first `max_batches`), matched by linear assignment. `run(x)` runs every model on `x`
-    (default: each model in turn; a ZipperNet passes its own forward so branches see the trunk).
+    pairs; every one), matched by linear assignment. `run(x)` runs every model on `x` (default: each
+    model in turn; a ZipperNet passes its own forward so branches see the trunk).
     """
     if method not in METHODS:
         raise ValueError(f"unknown alignment method {method!r}; expected one of {METHODS}")
@@ -485,7 +481,7 @@ def find_permutations(
         if run is None:
             device = next(models[0].parameters()).device
             run = lambda x: [m(x.to(device)) for m in models]
-        return _activation_matching(models, spec, free, batches, run, max_batches)
+        return _activation_matching(models, spec, free, batches, run)
     finally:
         for m, t in zip(models, was_training):
             m.train(t)
